@@ -1,0 +1,156 @@
+"""`cai <stage> CONFIG [key.path=value ...]` and friends.
+
+Every user error becomes one line on stderr and a non-zero exit (2); a labeler budget reached stops
+cleanly with exit 3, everything received so far kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+
+from cai.errors import CaiError
+
+STAGE_HELP = {
+    "sl": "SL-CAI: first answers, critiques and revisions -> sl/records.jsonl, sl/dataset/",
+    "sft": "fine-tune the policy on the SL-CAI dataset -> sft/",
+    "prefs": "sample answer pairs, AI preference labels -> prefs/records.jsonl, prefs/dataset/",
+    "rm": "train the reward model on the soft labels -> rm/",
+    "rl": "PPO (or DPO/GRPO/RLOO) against the AI-feedback reward -> rl/",
+    "eval": "win rates, harmlessness, over-refusal, report -> eval/",
+}
+
+
+def available_stages() -> list[str]:
+    from cai.stages import STAGES
+
+    return [s for s in STAGES if importlib.util.find_spec(f"cai.stages.{s}") is not None]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def run_stage(name: str, cfg):
+    module = importlib.import_module(f"cai.stages.{name}")
+    return module.run(cfg)
+
+
+def cmd_stage(args) -> int:
+    from cai.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    run_stage(args.stage, cfg)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from cai.config import load_config
+    from cai.stages import stage_dir
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    stages = available_stages()
+    for flag in (args.from_stage, args.only):
+        if flag and flag not in stages:
+            raise CaiError(f"unknown stage {flag!r}; stages: {', '.join(stages)}")
+    if args.only:
+        stages = [args.only]
+    elif args.from_stage:
+        stages = stages[stages.index(args.from_stage) :]
+    for name in stages:
+        run_stage(name, cfg)
+    print("\nPipeline finished. Outputs:")
+    for name in stages:
+        print(f"  {name:6s} {stage_dir(cfg, name)}")
+    return 0
+
+
+def cmd_constitution(args) -> int:
+    from cai.constitution import check_files, format_constitution, load_constitution
+
+    if args.action == "check":
+        errors = check_files(args.files)
+        for line in errors:
+            print(f"error: {line}", file=sys.stderr)
+        if not errors:
+            print(f"ok: {len(args.files)} constitution file(s) valid")
+        return 1 if errors else 0
+    for path in args.files:
+        print(format_constitution(load_constitution(path)))
+    return 0
+
+
+def cmd_config_keys(args) -> int:
+    from cai.config import config_keys
+
+    for key, help_text, default in config_keys():
+        print(f"{key:34s} {help_text} [default: {default!r}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cai",
+        description="Constitutional AI / RLAIF: a constitution and an AI critic, from SL-CAI to RL.",
+        epilog="Overrides are dotted config keys, e.g. `cai sl configs/quickstart.yaml sl.rounds=2 "
+        "labeler.backend=openai labeler.model=gpt-4o-mini`. `cai config-keys` lists every key.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in available_stages():
+        p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
+        p.add_argument("config", help="YAML run config (see configs/)")
+        p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+        p.set_defaults(func=cmd_stage, stage=name)
+
+    p = sub.add_parser("run", help="run the stages in order, skipping finished ones, resuming a partial one")
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--from", dest="from_stage", metavar="STAGE", help="start at this stage")
+    group.add_argument("--only", metavar="STAGE", help="run only this stage")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("constitution", help="check or show constitution files")
+    p.add_argument("action", choices=["check", "show"])
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_constitution)
+
+    p = sub.add_parser("config-keys", help="list every config key with its help text and default")
+    p.set_defaults(func=cmd_config_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cai.labelers.base import BudgetExceeded
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CaiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except BudgetExceeded as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

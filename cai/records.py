@@ -1,0 +1,141 @@
+"""What stages leave on disk, written so that a crash or a kill at any point loses no finished work.
+
+- JSONL records are appended one per finished item and flushed to disk (fsync) before the next one
+  starts; a torn last line from a kill is dropped on read, so a rerun resumes after the last whole
+  record.
+- Everything else (configs, manifests, datasets, the done marker) is written to a temporary sibling
+  and renamed into place, so a reader sees the old file or the new one, never half of one.
+- Each stage folder holds the resolved config, a copy of the constitution with its hash, the package
+  versions, and a `DONE` marker carrying the stage's fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from cai.errors import CaiError
+
+DONE = "DONE"
+FINGERPRINT = "fingerprint"
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+class JsonlWriter:
+    """Appends records to a JSONL file, one flushed and fsynced line per record."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
+    """All whole records of a JSONL file ([] if it does not exist).
+
+    A last line without its newline is what a kill mid-write leaves: it is ignored and, with
+    `repair=True`, cut off the file so that appending continues on a clean line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records = []
+    good_end = 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        stripped = line.strip()
+        if stripped:
+            try:
+                records.append(json.loads(stripped))
+            except json.JSONDecodeError as err:
+                raise CaiError(f"{path}: line {len(records) + 1} is not valid JSON ({err.msg})") from None
+        good_end += len(line)
+    if repair and good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return records
+
+
+def save_dataset(dataset, path: str | Path) -> None:
+    """`Dataset.save_to_disk` into a temporary folder, then swap it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(str(tmp))
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("cai", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "openai", "anthropic"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def ensure_writable(folder: str | Path) -> Path:
+    """Create `folder` if needed and prove it takes a file; one clear line if not."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise CaiError(f"output folder {folder} is not writable: {err.strerror or err}") from None
+    return folder
+
+
+def is_done(stage_dir: Path, fingerprint: str) -> bool:
+    marker = Path(stage_dir) / DONE
+    return marker.exists() and marker.read_text().strip() == fingerprint
+
+
+def mark_done(stage_dir: Path, fingerprint: str) -> None:
+    atomic_write_text(Path(stage_dir) / DONE, fingerprint + "\n")

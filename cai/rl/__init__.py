@@ -1,0 +1,54 @@
+"""The RL maths of cai: small pure functions on [B, T] tensors (B = batch, T = response length).
+
+Order of use in one PPO step (Ziegler et al. 2019; Ouyang et al. 2022; Huang et al. 2024):
+truncate_after_eos -> logprobs_from_logits -> score_unfinished / clip_rewards ->
+kl_penalty_per_token -> shaped_rewards -> (masked_whiten rewards) -> gae -> masked_whiten advantages
+-> policy_loss + value_loss; the KL controller updates beta once per batch.
+"""
+
+from cai.rl.advantages import GAEOutput, gae, gae_reference
+from cai.rl.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    KLController,
+    KLEstimator,
+    kl_penalty_per_token,
+)
+from cai.rl.losses import PolicyLossOutput, ValueLossOutput, policy_loss, value_loss
+from cai.rl.monitors import distinct_n, explained_variance, pearson
+from cai.rl.rewards import clip_rewards, score_unfinished, shaped_rewards
+from cai.rl.sequences import (
+    TruncatedResponses,
+    entropy_from_logits,
+    logprobs_from_logits,
+    truncate_after_eos,
+)
+from cai.rl.stats import masked_mean, masked_var, masked_whiten
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "GAEOutput",
+    "KLController",
+    "KLEstimator",
+    "PolicyLossOutput",
+    "TruncatedResponses",
+    "ValueLossOutput",
+    "clip_rewards",
+    "distinct_n",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "gae_reference",
+    "kl_penalty_per_token",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "pearson",
+    "policy_loss",
+    "score_unfinished",
+    "shaped_rewards",
+    "truncate_after_eos",
+    "value_loss",
+]

@@ -1,0 +1,116 @@
+"""Stage 2, SFT: fine-tune the policy on the SL-CAI dataset with TRL's SFTTrainer.
+
+1. Load `sl/dataset/` (conversational `messages`).
+2. Loss on the assistant's answer only: each conversation becomes a conversational prompt/completion
+   pair (the answer is the completion), which SFTTrainer masks for any chat template — unlike
+   `assistant_only_loss`, which needs `{% generation %}` markers that most templates lack.
+3. Train: all weights, or a LoRA adapter (peft) when `sft.lora`. Checkpoints go to
+   `sft/checkpoints/`; a killed run resumes from the last one.
+4. Save the model (LoRA merged into the base unless `sft.merge_lora=false`) and the tokenizer to `sft/`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from cai.config import Config
+from cai.errors import CaiError
+from cai.records import atomic_write_json
+from cai.stages import open_stage, require_done
+
+
+def to_prompt_completion(example: dict) -> dict:
+    messages = example["messages"]
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def build_trainer(cfg: Config, model, tokenizer, dataset, output_dir: Path):
+    """TRL's SFTTrainer set up from `cfg.sft` (LoRA through peft when asked)."""
+    from trl import SFTConfig, SFTTrainer
+
+    model.train()
+    bf16 = cfg.sft.bf16 if cfg.sft.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.sft.epochs,
+        learning_rate=cfg.sft.learning_rate,
+        per_device_train_batch_size=cfg.sft.batch_size,
+        gradient_accumulation_steps=cfg.sft.grad_accum,
+        max_length=cfg.sft.max_length,
+        bf16=bf16,
+        seed=cfg.seed,
+        logging_steps=cfg.sft.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.sft.save_steps,
+        save_total_limit=1,
+        report_to=cfg.sft.report_to,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if cfg.sft.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=cfg.sft.lora_r, lora_alpha=cfg.sft.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+
+
+def run(cfg: Config) -> Path:
+    sl_dir = require_done(cfg, "sl", "sft")
+    stage = open_stage(cfg, "sft")
+    if stage.done:
+        return stage.path
+
+    import datasets
+
+    from cai.models import load_model_and_tokenizer
+
+    # 1. The SL-CAI dataset.
+    dataset = datasets.load_from_disk(str(sl_dir / "dataset"))
+    if len(dataset) == 0:
+        raise CaiError(f"{sl_dir / 'dataset'} is empty: the sl stage kept no answers")
+
+    # 2. Assistant-only loss through the prompt/completion form.
+    if cfg.sft.assistant_only_loss:
+        dataset = dataset.map(to_prompt_completion, remove_columns=dataset.column_names)
+    else:
+        dataset = dataset.select_columns(["messages"])
+
+    # 3. Train.
+    model, tokenizer = load_model_and_tokenizer(cfg.policy.model, cfg, {})
+    checkpoints = stage.path / "checkpoints"
+    trainer = build_trainer(cfg, model, tokenizer, dataset, checkpoints)
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints))
+
+    # 4. Save the model and tokenizer to sft/.
+    trained = trainer.model
+    if cfg.sft.lora:
+        trained.save_pretrained(str(stage.path / "adapter"))
+        if cfg.sft.merge_lora:
+            trained = trained.merge_and_unload()
+    trained.eval()
+    trained.save_pretrained(str(stage.path))
+    tokenizer.save_pretrained(str(stage.path))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    metrics = {
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "steps": result.global_step,
+        "examples": len(dataset),
+        "lora": cfg.sft.lora,
+    }
+    atomic_write_json(stage.path / "metrics.json", metrics)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return stage.finish(f"{len(dataset)} examples, {result.global_step} steps, train loss {result.training_loss:.3f}")

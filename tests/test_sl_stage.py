@@ -1,0 +1,151 @@
+"""The SL-CAI stage: round logic, principle sampling, provenance, the dataset, skip/rerun and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+
+from cai.constitution import load_constitution
+from cai.records import read_jsonl
+from cai.stages import sl
+from tests.conftest import ROOT
+from tests.fakes import ScriptedLabeler
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    labeler = ScriptedLabeler()
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None: labeler)
+    return labeler
+
+
+def test_records_keep_every_round_with_its_principle(tiny_config, scripted):
+    cfg = tiny_config("sl.rounds=3", "sl.helpful_ratio=0.5")
+    out = sl.run(cfg)
+    records = read_jsonl(out / "records.jsonl")
+    red = [r for r in records if r["kind"] == "red_team"]
+    helpful = [r for r in records if r["kind"] == "helpful"]
+    assert len(red) == 8  # 40% of 20
+    assert len(helpful) == 4  # helpful_ratio 0.5
+    ids = {p.id for p in load_constitution(cfg.constitution).critiques}
+    for r in red:
+        assert [x["round"] for x in r["rounds"]] == [1, 2, 3]
+        assert all(x["principle_id"] in ids for x in r["rounds"])
+        assert all(x["critique"].startswith("CRITIQUE of") for x in r["rounds"])
+        assert r["final"] == r["rounds"][-1]["revision"] and r["final"].startswith("REVISED")
+        assert r["labeler"] == "scripted:test"
+    for r in helpful:
+        assert r["rounds"] == [] and r["final"] == r["initial"]
+    # 2 labeler calls per round per red-team prompt, none for helpful prompts
+    assert scripted.usage.requests == 8 * 3 * 2
+
+
+def test_round_two_critiques_the_revision_of_round_one(tiny_config, scripted):
+    out = sl.run(tiny_config("sl.rounds=2"))
+    record = read_jsonl(out / "records.jsonl")[0]
+    first_revision = record["rounds"][0]["revision"]
+    second_critique_prompts = [c for c in scripted.calls if first_revision in c and "Critique:" not in c]
+    assert second_critique_prompts, "round 2's critique request must show round 1's revision"
+
+
+def test_principles_are_seeded_by_prompt_and_round(tiny_config):
+    constitution = load_constitution(ROOT / "constitutions/harmless.yaml")
+    draws = [sl.draw_principle(constitution, 0, "abc", r).id for r in range(12)]
+    assert draws == [sl.draw_principle(constitution, 0, "abc", r).id for r in range(12)]
+    assert draws != [sl.draw_principle(constitution, 1, "abc", r).id for r in range(12)]
+    assert len(set(draws)) > 3
+
+
+def test_dataset_is_conversational_messages(tiny_config, scripted):
+    out = sl.run(tiny_config())
+    dataset = datasets.load_from_disk(str(out / "dataset"))
+    records = read_jsonl(out / "records.jsonl")
+    assert "messages" in dataset.column_names
+    assert len(dataset) == sum(bool(r["final"].strip()) for r in records)
+    row = dataset[0]
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    by_id = {r["id"]: r for r in records}
+    assert row["messages"][1]["content"] == by_id[row["id"]]["final"]
+    for name in ("config.yaml", "constitution.yaml", "provenance.json", "DONE", "summary.json"):
+        assert (out / name).exists(), name
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert len(provenance["constitution_sha256"]) == 64 and "torch" in provenance["versions"]
+
+
+def test_failed_critique_keeps_the_answer_and_says_so(tiny_config, monkeypatch):
+    labeler = ScriptedLabeler(fail_on="Answer with a short critique")
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None: labeler)
+    out = sl.run(tiny_config())
+    red = [r for r in read_jsonl(out / "records.jsonl") if r["kind"] == "red_team"]
+    assert red and all(r["rounds"][0]["critique_status"] == "failed" for r in red)
+    assert all(r["final"] == r["initial"] and not r["revised"] for r in red)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["critiques_failed"] == len(red) and summary["revised"] == 0
+
+
+def test_finished_stage_is_skipped_and_changed_config_reruns(tiny_config, scripted, capsys):
+    sl.run(tiny_config())
+    calls = scripted.usage.requests
+    sl.run(tiny_config())
+    assert scripted.usage.requests == calls
+    assert "skipping" in capsys.readouterr().out
+    sl.run(tiny_config("sl.rounds=2"))
+    assert scripted.usage.requests > calls
+    assert "config changed" in capsys.readouterr().out
+    # operational keys do not change the fingerprint
+    sl.run(tiny_config("sl.rounds=2", "labeler.max_requests=1000", "policy.batch_size=3"))
+    assert "skipping" in capsys.readouterr().out
+
+
+KILLABLE = textwrap.dedent(
+    """
+    import sys, time
+    from cai.config import load_config
+    from cai.stages import sl
+    from tests.fakes import ScriptedLabeler
+
+    class SlowLabeler(ScriptedLabeler):
+        def generate(self, requests, desc=None):
+            time.sleep(0.4)
+            return super().generate(requests, desc)
+
+    sl.build_labeler = lambda cfg, shared_models=None: SlowLabeler()
+    sl.run(load_config(None, sys.argv[1:]))
+    """
+)
+
+
+def test_sigkill_halfway_then_rerun_finishes_every_prompt_once(tiny_config, tmp_path):
+    cfg = tiny_config("policy.batch_size=2", "labeler.batch_size=2", "data.limit=30")
+    overrides = [f"{k}={v}" for k, v in {
+        "output_dir": cfg.output_dir, "cache_dir": cfg.cache_dir, "policy.model": cfg.policy.model,
+        "labeler.model": cfg.labeler.model, "constitution": cfg.constitution, "policy.max_new_tokens": 8,
+        "labeler.max_new_tokens": 8, "data.limit": 30, "policy.batch_size": 2, "labeler.batch_size": 2,
+    }.items()]
+    records = Path(cfg.output_dir) / "sl" / "records.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, *overrides], cwd=ROOT, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_jsonl(records)) < 3:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = read_jsonl(records)
+    assert 3 <= len(partial) < 18, "the kill must land halfway"
+    assert not (records.parent / "DONE").exists()
+    done = subprocess.run([sys.executable, "-c", KILLABLE, *overrides], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stdout
+    final = read_jsonl(records)
+    ids = [r["id"] for r in final]
+    assert len(ids) == len(set(ids)) == 12 + 6  # 40% of 30 red-team, helpful ratio 0.5
+    assert [r["id"] for r in final[: len(partial)]] == [r["id"] for r in partial]
