@@ -132,6 +132,24 @@ class SFTConfig(Section):
     report_to: str = Field("none", description="Tracker for TRL's trainer: none, tensorboard, wandb...")
 
 
+class PrefsConfig(Section):
+    """The preference stage (owner: prefs.py). Keys are added here with their help text."""
+
+    samples_per_prompt: int = Field(2, ge=2, description="Answers the SFT model samples per prompt (K); pairs are formed from them.")
+
+
+class RMConfig(Section):
+    """The reward-model stage (owner: rm.py)."""
+
+    epochs: float = Field(1.0, gt=0, description="Passes over the preference dataset.")
+
+
+class RLConfig(Section):
+    """The RL stage (owner: rl.py)."""
+
+    algorithm: Literal["ppo", "dpo", "grpo", "rloo"] = Field("ppo", description="RL algorithm.")
+
+
 class Config(Section):
     output_dir: str = Field("out/run", description="Folder that receives every stage's output.")
     seed: int = Field(0, description="Seed for splits, principle sampling and generation.")
@@ -147,6 +165,9 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     sl: SLConfig = Field(default_factory=SLConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    prefs: PrefsConfig = Field(default_factory=PrefsConfig)
+    rm: RMConfig = Field(default_factory=RMConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
 
 
 # ---------------------------------------------------------------------------------------------
