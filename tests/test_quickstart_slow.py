@@ -1,0 +1,39 @@
+"""End to end on the embedded default (SmolLM2-135M-Instruct): what `make demo` runs, made smaller."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+
+from cai.records import read_jsonl
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_pipeline_on_the_embedded_default(tmp_path):
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", "data.limit=10", "policy.max_new_tokens=24", "labeler.max_new_tokens=24", "sft.epochs=1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "cai", "run", "configs/quickstart.yaml", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[sl] done" in result.stdout and "[sft] done" in result.stdout
+    records = read_jsonl(out / "sl" / "records.jsonl")
+    red = [r for r in records if r["kind"] == "red_team"]
+    assert red and all(len(r["rounds"]) == 1 and r["rounds"][0]["critique"] for r in red)
+    dataset = datasets.load_from_disk(str(out / "sl" / "dataset"))
+    assert "messages" in dataset.column_names and len(dataset) == len(records)
+    assert (out / "sft" / "model.safetensors").exists() and (out / "sft" / "DONE").exists()
+    # A second run skips every finished stage.
+    again = subprocess.run(
+        [sys.executable, "-m", "cai", "run", "configs/quickstart.yaml", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert again.returncode == 0 and again.stdout.count("skipping") >= 2
