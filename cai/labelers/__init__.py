@@ -20,11 +20,26 @@ def build_labeler(cfg, shared_models: dict | None = None) -> Labeler:
     """The labeler named by `cfg.labeler` (cfg is the whole cai.config.Config).
 
     `shared_models` maps a resolved model name to an already loaded (model, tokenizer), so that a
-    local labeler that is the same model as the policy does not load it twice.
+    local labeler that is the same model as the policy does not load it twice. With
+    `labeler.cache` (the default) the labeler is wrapped in the on-disk answer cache (cache.py).
     """
     backend = cfg.labeler.backend
     if backend == "local":
         from cai.labelers.local import LocalLabeler
 
-        return LocalLabeler.from_config(cfg, shared_models=shared_models)
-    raise NotImplementedError(f"labeler.backend={backend} is not available yet")
+        labeler = LocalLabeler.from_config(cfg, shared_models=shared_models)
+    elif backend == "openai":
+        from cai.labelers.openai_api import OpenAILabeler
+
+        labeler = OpenAILabeler.from_config(cfg)
+    elif backend == "anthropic":
+        from cai.labelers.anthropic_api import AnthropicLabeler
+
+        labeler = AnthropicLabeler.from_config(cfg)
+    else:
+        raise NotImplementedError(f"labeler.backend={backend} is not available yet")
+    if cfg.labeler.cache:
+        from cai.labelers.cache import CachedLabeler, default_cache_path
+
+        labeler = CachedLabeler(labeler, default_cache_path(cfg))
+    return labeler
