@@ -139,3 +139,19 @@ def is_done(stage_dir: Path, fingerprint: str) -> bool:
 
 def mark_done(stage_dir: Path, fingerprint: str) -> None:
     atomic_write_text(Path(stage_dir) / DONE, fingerprint + "\n")
+
+
+def record_labeler_usage(stage_dir: str | Path, labeler) -> dict:
+    """Add this run's labeler spending to `<stage>/labeler_usage.json` (one entry per run, and the total),
+    so a stage resumed three times still shows what it cost altogether."""
+    path = Path(stage_dir) / "labeler_usage.json"
+    previous = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    runs = previous["runs"] + [labeler.usage.as_dict()]
+    total: dict = {}
+    for run in runs:
+        for key, value in run.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+    data = {"labeler": labeler.id, "total": total, "runs": runs}
+    atomic_write_json(path, data)
+    return data

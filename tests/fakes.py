@@ -25,7 +25,7 @@ class ScriptedLabeler:
         self.fail_on = fail_on
         self.prefer = prefer or (lambda text: 0.75)
 
-    def generate(self, requests: list[GenerateRequest], desc: str | None = None) -> list[Generation]:
+    def generate(self, requests: list[GenerateRequest], desc: str | None = None, **kwargs) -> list[Generation]:
         out = []
         for r in requests:
             last = r.messages[-1]["content"]
@@ -40,7 +40,7 @@ class ScriptedLabeler:
                 out.append(Generation(text=f"CRITIQUE of {_digest(last)}"))
         return out
 
-    def choose(self, requests: list[ChoiceRequest], desc: str | None = None) -> list[Choice]:
+    def choose(self, requests: list[ChoiceRequest], desc: str | None = None, **kwargs) -> list[Choice]:
         out = []
         for r in requests:
             self.usage.requests += 1

@@ -91,3 +91,21 @@ def test_help_lists_stages():
     assert result.returncode == 0
     for word in ("sl", "sft", "run", "constitution", "config-keys"):
         assert word in result.stdout
+
+
+def test_cache_stats_and_clear(tmp_path, capsys):
+    import json
+
+    from cai.labelers.base import GenerateRequest
+    from cai.labelers.cache import CachedLabeler
+    from tests.fakes import ScriptedLabeler
+
+    cache = CachedLabeler(ScriptedLabeler(), tmp_path / "labeler_cache.sqlite")
+    cache.generate([GenerateRequest([{"role": "user", "content": f"q{i}"}]) for i in range(3)])
+    cache.close()
+    assert main(["cache", "stats", "configs/quickstart.yaml", f"cache_dir={tmp_path}"]) == 0
+    assert json.loads(capsys.readouterr().out)["entries"] == 3
+    assert main(["cache", "clear", "configs/quickstart.yaml", f"cache_dir={tmp_path}"]) == 0
+    assert "removed 3" in capsys.readouterr().out
+    assert main(["cache", "stats", "configs/quickstart.yaml", f"cache_dir={tmp_path}"]) == 0
+    assert json.loads(capsys.readouterr().out)["entries"] == 0

@@ -114,9 +114,9 @@ KILLABLE = textwrap.dedent(
     from tests.fakes import ScriptedLabeler
 
     class SlowLabeler(ScriptedLabeler):
-        def generate(self, requests, desc=None):
+        def generate(self, requests, desc=None, **kwargs):
             time.sleep(0.4)
-            return super().generate(requests, desc)
+            return super().generate(requests, desc, **kwargs)
 
     sl.build_labeler = lambda cfg, shared_models=None: SlowLabeler()
     sl.run(load_config(None, sys.argv[1:]))
@@ -133,10 +133,11 @@ def test_sigkill_halfway_then_rerun_finishes_every_prompt_once(tiny_config, tmp_
     }.items()]
     records = Path(cfg.output_dir) / "sl" / "records.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, *overrides], cwd=ROOT, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(read_jsonl(records)) < 3:
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, *overrides], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(read_jsonl(records)) < 3 and proc.poll() is None:
         time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = read_jsonl(records)
@@ -149,3 +150,14 @@ def test_sigkill_halfway_then_rerun_finishes_every_prompt_once(tiny_config, tmp_
     ids = [r["id"] for r in final]
     assert len(ids) == len(set(ids)) == 12 + 6  # 40% of 30 red-team, helpful ratio 0.5
     assert [r["id"] for r in final[: len(partial)]] == [r["id"] for r in partial]
+
+
+def test_labeler_usage_adds_up_over_resumed_runs(tiny_config, scripted):
+    from cai.records import record_labeler_usage
+
+    out = sl.run(tiny_config())
+    first = json.loads((out / "labeler_usage.json").read_text())
+    assert first["total"]["requests"] == 16 and len(first["runs"]) == 1
+    record_labeler_usage(out, scripted)  # as a resumed run would
+    second = json.loads((out / "labeler_usage.json").read_text())
+    assert len(second["runs"]) == 2 and second["total"]["requests"] == 32

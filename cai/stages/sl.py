@@ -23,7 +23,7 @@ from cai.errors import CaiError
 from cai.labelers import GenerateRequest, Labeler, build_labeler
 from cai.labelers.local import LocalGenerator
 from cai.promptsets import Prompt, split_prompts
-from cai.records import JsonlWriter, atomic_write_json, read_jsonl, save_dataset
+from cai.records import JsonlWriter, atomic_write_json, read_jsonl, record_labeler_usage, save_dataset
 from cai.stages import open_stage
 from cai.templates import Templates
 
@@ -83,6 +83,7 @@ def critique_and_revise(
         critiques = labeler.generate(
             [GenerateRequest(shots["critique"] + [{"role": "user", "content": c}], **sampling) for c in critique_prompts],
             desc=f"critique round {r + 1}",
+            reject_refusals=True,  # a critic that refuses to critique is asked again, then marked unparseable
         )
         revision_prompts = [
             templates.render(
@@ -199,7 +200,7 @@ def run(cfg: Config) -> Path:
                     )
     finally:
         if labeler is not None:
-            atomic_write_json(stage.path / "labeler_usage.json", {"labeler": labeler.id, **labeler.usage.as_dict()})
+            record_labeler_usage(stage.path, labeler)
             labeler.close()
 
     # 5. The SL-CAI dataset: every prompt with a non-empty final answer.
