@@ -161,3 +161,24 @@ def test_labeler_usage_adds_up_over_resumed_runs(tiny_config, scripted):
     record_labeler_usage(out, scripted)  # as a resumed run would
     second = json.loads((out / "labeler_usage.json").read_text())
     assert len(second["runs"]) == 2 and second["total"]["requests"] == 32
+
+
+def test_sl_runs_against_an_openai_compatible_server_by_override_alone(tiny_config, monkeypatch):
+    """The quickstart's sl stage, with the labeler swapped to a local OpenAI-compatible server (as vLLM
+    or llama.cpp's server would be) by overrides only; a rerun after clearing the stage makes no request."""
+    import shutil
+
+    from tests.fake_servers import FakeLLMServer
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with FakeLLMServer() as server:
+        overrides = ("labeler.backend=openai", "labeler.model=served-model", f"labeler.base_url={server.openai_url}")
+        out = sl.run(tiny_config(*overrides))
+        red = [r for r in read_jsonl(out / "records.jsonl") if r["kind"] == "red_team"]
+        assert red and all(r["labeler"].startswith("openai:served-model") for r in red)
+        assert all(r["rounds"][0]["critique_status"] == "ok" and r["rounds"][0]["critique"] for r in red)
+        assert len(server.bodies("/chat/completions")) == 2 * len(red)
+        shutil.rmtree(out)
+        server.reset()
+        sl.run(tiny_config(*overrides))
+        assert server.requests == []  # every answer came from the cache
