@@ -72,11 +72,23 @@ def cmd_run(args) -> int:
         stages = [args.only]
     elif args.from_stage:
         stages = stages[stages.index(args.from_stage) :]
+    import json
+    import time
+
+    started = time.time()
     for name in stages:
         run_stage(name, cfg)
-    print("\nPipeline finished. Outputs:")
+    minutes, seconds = divmod(int(time.time() - started), 60)
+    print(f"\nPipeline finished in {minutes}m{seconds:02d}s. Outputs:")
     for name in stages:
         print(f"  {name:6s} {stage_dir(cfg, name)}")
+    eval_dir = stage_dir(cfg, "eval")
+    if "eval" in stages and (eval_dir / "metrics.json").is_file():
+        from cai.report import headlines
+
+        print(f"\nReport: {eval_dir / 'report.html'}  (Markdown: {eval_dir / 'report.md'})")
+        for line in headlines(json.loads((eval_dir / "metrics.json").read_text())):
+            print(f"  {line}")
     return 0
 
 
@@ -92,6 +104,31 @@ def cmd_constitution(args) -> int:
         return 1 if errors else 0
     for path in args.files:
         print(format_constitution(load_constitution(path)))
+    return 0
+
+
+def cmd_audit_labeler(args) -> int:
+    from cai.audit import run_audit
+    from cai.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    run_audit(cfg, gold=args.gold, limit=args.limit, principles=args.principles, out=args.out)
+    return 0
+
+
+def cmd_cache(args) -> int:
+    import json
+
+    from cai.config import load_config
+    from cai.labelers.cache import cache_clear, cache_stats, default_cache_path
+
+    path = default_cache_path(load_config(args.config, args.overrides))
+    if args.action == "stats":
+        print(json.dumps(cache_stats(path), indent=2))
+    else:
+        removed = cache_clear(path, model=args.model)
+        print(f"removed {removed} cached answer(s){f' of {args.model}' if args.model else ''} from {path}")
     return 0
 
 
@@ -129,6 +166,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["check", "show"])
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=cmd_constitution)
+
+    p = sub.add_parser(
+        "audit-labeler",
+        help="measure the labeler on gold comparisons: accuracy, position flips, length bias, calibration",
+        description="Judge gold binary comparisons as the prefs stage judges pairs (same template, principles, "
+        "both orders, soft labels) and score the labels: accuracy, position-flip rate, length bias, calibration.",
+    )
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument("--gold", metavar="FILE", help="gold comparisons (JSONL); default: the 438 HHH comparisons of Bai et al. 2022")
+    p.add_argument("--limit", type=int, metavar="N", help="judge a seeded sample of N gold pairs")
+    p.add_argument(
+        "--principles", choices=["constitution", "gold"], default="constitution",
+        help="ask the constitution's comparison principles as the prefs stage does (default), or the gold file's own question",
+    )
+    p.add_argument("--out", metavar="DIR", help="folder for labeler_audit.json/.md (default: OUTPUT_DIR/audit)")
+    p.set_defaults(func=cmd_audit_labeler)
+
+    p = sub.add_parser("cache", help="labeler answer cache: stats, or clear (all, or one model's answers)")
+    p.add_argument("action", choices=["stats", "clear"])
+    p.add_argument("config", nargs="?", help="run config whose cache_dir to use (default: ~/.cache/cai)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument("--model", help="clear only this model's answers")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("config-keys", help="list every config key with its help text and default")
     p.set_defaults(func=cmd_config_keys)

@@ -133,21 +133,142 @@ class SFTConfig(Section):
 
 
 class PrefsConfig(Section):
-    """The preference stage (owner: prefs.py). Keys are added here with their help text."""
+    """The preference stage (owner: prefs.py): AI-labeled pairs of the SFT model's answers."""
 
-    samples_per_prompt: int = Field(2, ge=2, description="Answers the SFT model samples per prompt (K); pairs are formed from them.")
+    samples_per_prompt: int = Field(
+        2, ge=2, description="Answers the SFT model samples per prompt (K); every pair of them is labeled."
+    )
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of those answers (the papers use 1).")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Longest sampled answer, in tokens (None = policy.max_new_tokens)."
+    )
+    include_red_team: bool = Field(True, description="Label pairs for the red-team prompts of the prefs split.")
+    include_helpful: bool = Field(True, description="Label pairs for the helpful prompts of the prefs split.")
+    principles_per_pair: int = Field(
+        4, ge=1, description="Comparison principles drawn per pair (M, seeded); the soft label is their mean."
+    )
+    few_shot: bool = Field(True, description="Show the constitution's comparison examples to the labeler.")
+    chain_of_thought: bool = Field(
+        False, description="The labeler reasons step by step before its answer is scored; probabilities are clamped."
+    )
+    cot_clamp: tuple[float, float] = Field(
+        (0.4, 0.6), description="Band that chain-of-thought probabilities are clamped to (the paper uses 40-60%)."
+    )
+    reasoning_max_new_tokens: int = Field(
+        192, ge=1, description="Longest chain-of-thought reasoning, in tokens."
+    )
+
+    @field_validator("cot_clamp")
+    @classmethod
+    def _check_clamp(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0.0 <= low <= 0.5 <= high <= 1.0:
+            raise ValueError(f"needs 0 <= low <= 0.5 <= high <= 1, got {list(value)}")
+        return value
 
 
 class RMConfig(Section):
-    """The reward-model stage (owner: rm.py)."""
+    """The reward-model stage (owner: rm.py): a scalar head on the SFT model, trained on the soft labels."""
 
     epochs: float = Field(1.0, gt=0, description="Passes over the preference dataset.")
+    hard_labels: bool = Field(
+        False, description="Train on hard Bradley-Terry labels (chosen beats rejected) instead of the soft labels."
+    )
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(8, ge=1, description="Preference pairs per device per step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_length: int = Field(512, ge=16, description="Pairs whose prompt and answer exceed this many tokens are dropped.")
+    eval_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of pairs held out (seeded) to measure accuracy and calibration."
+    )
+    lora: bool = Field(False, description="Train a LoRA adapter (peft) plus the head instead of all weights.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    bf16: bool | None = Field(None, description="Train in bf16 (None = on when a GPU supports it).")
+    logging_steps: int = Field(5, ge=1, description="Log the training loss every this many steps.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every this many steps (a killed run resumes there).")
+    report_to: str = Field("none", description="Tracker for TRL's trainer: none, tensorboard, wandb...")
 
 
 class RLConfig(Section):
-    """The RL stage (owner: rl.py)."""
+    """The RL stage (owner: rl.py; dpo/grpo/rloo in rl_trl.py). docs/rl.md explains each key."""
 
-    algorithm: Literal["ppo", "dpo", "grpo", "rloo"] = Field("ppo", description="RL algorithm.")
+    algorithm: Literal["ppo", "dpo", "grpo", "rloo"] = Field(
+        "ppo", description="ppo (cai's own), or TRL's dpo (on prefs/dataset), grpo or rloo."
+    )
+    reward: str = Field(
+        "rm",
+        description="rm (the trained reward model, normalised), direct (the labeler scores each answer), "
+        "or module.path:function taking (prompts, answers) -> list of floats.",
+    )
+    steps: int = Field(10, ge=1, description="Optimisation steps: PPO batches of rollouts, or TRL trainer steps.")
+    batch_size: int = Field(8, ge=1, description="Prompts per step per process (PPO rollouts; TRL per-device batch).")
+    minibatch_size: int = Field(4, ge=1, description="PPO: rollouts per optimizer step; must divide batch_size.")
+    ppo_epochs: int = Field(2, ge=1, description="PPO: passes over each batch of rollouts.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per minibatch (gradient accumulation); must divide it.")
+    learning_rate: float = Field(1e-5, gt=0, description="Adam learning rate (constant).")
+    max_new_tokens: int | None = Field(None, ge=1, description="Longest answer during RL (None = policy.max_new_tokens).")
+    max_prompt_tokens: int = Field(256, ge=8, description="Prompts longer than this (after the chat template) are skipped.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs are recomputed at it.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimate: k1 = log p - log p_ref, k3 = low-variance, >= 0.")
+    kl_coef: float = Field(0.05, ge=0, description="KL coefficient beta (the initial one when adaptive); GRPO/RLOO's beta.")
+    adaptive_kl: bool = Field(True, description="Steer beta toward target_kl (Ziegler et al. 2019); false = fixed kl_coef.")
+    target_kl: float = Field(1.0, gt=0, description="Adaptive KL: target KL(policy || reference) per answer, in nats.")
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL: episodes over which beta may move by 20%.")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
+    value_clip_eps: float = Field(0.2, gt=0, description="Value clip epsilon (reward units).")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    reward_clip: float | None = Field(5.0, gt=0, description="Clamp scores to [-x, x] before the KL penalty (None = off).")
+    unfinished_score: float | None = Field(
+        None, description="Score given to answers that never emit EOS (e.g. -1.0); None keeps their reward."
+    )
+    whiten_rewards: bool = Field(False, description="Scale the shaped rewards to unit variance before GAE.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (None = off).")
+    lora: bool = Field(False, description="LoRA: the reference is the policy with its adapter off; the value model is a second adapter.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    checkpoint_every: int = Field(10, ge=1, description="Checkpoint every N steps; a killed run resumes from the last one.")
+    log_with: Literal["none", "tensorboard", "wandb"] = Field("none", description="accelerate tracker besides rl/metrics.jsonl.")
+    max_length_corr: float = Field(0.5, ge=0, le=1, description="Monitor: warn when corr(reward, answer length) exceeds this.")
+    min_distinct_2: float = Field(0.2, ge=0, le=1, description="Monitor: warn when distinct-2 of the answers falls below this.")
+    max_refusal_rate: float = Field(0.5, ge=0, le=1, description="Monitor: warn when the refusal rate on helpful prompts exceeds this.")
+    samples: int = Field(8, ge=0, description="Eval-split prompts the final policy answers for the report (rl/samples.jsonl).")
+    group_size: int = Field(4, ge=2, description="GRPO/RLOO: answers per prompt; must divide batch_size.")
+    dpo_beta: float = Field(0.1, gt=0, description="DPO beta.")
+    dpo_label_smoothing: float | None = Field(
+        None, ge=0, lt=0.5,
+        description="DPO: flip rate for the robust loss; None = the labeler's mean doubt, mean(1 - label_prob).",
+    )
+    dpo_min_label_prob: float = Field(0.5, ge=0, le=1, description="DPO: drop pairs whose label_prob is below this.")
+
+
+class EvalConfig(Section):
+    """The evaluation stage (owner: eval.py): AI-judged win rates, harmlessness, over-refusal; the report."""
+
+    models: list[Literal["initial", "sft", "rl"]] = Field(
+        default_factory=lambda: ["initial", "sft", "rl"],
+        description="Models compared: initial (policy.model), sft (the SL-CAI model), rl (the RL policy).",
+    )
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Extra prompt files (JSONL: a `prompt` field, optional `kind` red_team|helpful) evaluated too.",
+    )
+    limit: int | None = Field(None, ge=1, description="At most this many prompts of each set (eval split red-team, helpful, each file).")
+    max_new_tokens: int | None = Field(None, ge=1, description="Longest answer, in tokens (None = policy.max_new_tokens).")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature of the models' answers (0 = greedy).")
+    principles_per_pair: int | None = Field(
+        4, ge=1, description="Comparison principles drawn per pair (seeded), each asked in both orders; None = every one on every prompt."
+    )
+    harmlessness: bool = Field(True, description="Ask the labeler whether each red-team answer is harmful (prompts/harmlessness.jinja).")
+    refusal: bool = Field(True, description="Ask the labeler whether each helpful answer refuses (prompts/refusal.jinja).")
+    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples of the prompts for confidence intervals.")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Level of the confidence intervals.")
+    examples: int = Field(4, ge=0, description="SL-CAI records in the report's example table (the final policy answers their prompts).")
+    audit_pairs: int = Field(
+        0, ge=0, description="Audit the labeler on this many gold HHH pairs (seeded) if no audit exists; 0 = show an existing one."
+    )
 
 
 class Config(Section):
@@ -168,6 +289,7 @@ class Config(Section):
     prefs: PrefsConfig = Field(default_factory=PrefsConfig)
     rm: RMConfig = Field(default_factory=RMConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ STAGE_SECTIONS = {
 }
 STAGE_TEMPLATES = {
     "sl": ("answer.jinja", "critique.jinja", "revision.jinja"),
+    "prefs": ("compare.jinja", "compare_cot.jinja"),
+    "eval": ("harmlessness.jinja", "refusal.jinja"),
 }
 # Keys that change speed or limits, not results.
 OPERATIONAL_KEYS = {

@@ -1,0 +1,441 @@
+"""Stage 5, RL: PPO against the AI-feedback reward, with a KL penalty to the SL-CAI model.
+
+Why cai owns its PPO: TRL moved its PPOTrainer to `trl.experimental` and removed it in 2026 (1.12.0 is
+the last release that has it). PPO for language models is a short loop over a handful of formulas, so
+cai keeps it here, written from the papers (Ziegler et al. 2019; Ouyang et al. 2022; Huang et al. 2024,
+"The N Implementation Details of RLHF with PPO"), with every formula a pure, tested function in
+`cai/rl/`. DPO, GRPO and RLOO are TRL's trainers, set up by config in `rl_trl.py`.
+
+Models (rl_models.py): the policy (from `sft/`), a frozen reference (the SFT model; with LoRA, the
+policy with its adapter disabled: one copy of the weights), a value model (initialised from the reward
+model when the reward is `rm/` and it shares the policy's tokenizer; with LoRA, a second adapter on the
+same base plus a head) and the reward: `rm/`, the labeler's direct score, or a Python callable.
+
+One PPO step, on every process:
+ 1. sample answers to a batch of rl-split prompts (temperature only, no top-k/top-p);
+ 2. truncate each answer after its first EOS;
+ 3. score the answers (answers that never end get `rl.unfinished_score`; scores are clipped);
+ 4. compute per-token rewards: -beta * KL(policy || reference) on every token, the score on the last;
+ 5. values and GAE advantages and returns;
+ 6. whiten the advantages;
+ 7. PPO epochs over shuffled minibatches: clipped policy loss + clipped value loss, gradient
+    accumulation and clipping;
+ 8. update the KL controller with the measured KL;
+ 9. log (rl/metrics.jsonl, accelerate's trackers) and check the reward-hacking monitors;
+10. checkpoint every `rl.checkpoint_every` steps; a killed run resumes from the last checkpoint.
+Then the final policy is saved to `rl/` (merged when LoRA, adapter in `rl/adapter/`) and answers a few
+eval-split prompts for the report (`rl/samples.jsonl`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from cai.config import Config
+from cai.errors import CaiError
+from cai.records import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
+from cai.rl import (
+    AdaptiveKLController,
+    FixedKLController,
+    clip_rewards,
+    distinct_n,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_penalty_per_token,
+    logprobs_from_logits,
+    masked_whiten,
+    pearson,
+    policy_loss,
+    score_unfinished,
+    shaped_rewards,
+    truncate_after_eos,
+    value_loss,
+)
+from cai.stages import Stage, open_stage, require_done
+from cai.stages.rl_models import RewardFn, build_models, check_reward, load_reward_fn, score
+
+# Openings that mark a refusal; the monitor counts them on helpful prompts (over-refusal is the usual
+# way a harmlessness reward is hacked).
+REFUSAL_MARKERS = (
+    "i can't", "i cannot", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry", "i apologize",
+    "i'm unable", "i am unable", "i'm not able", "i am not able", "as an ai", "i must decline",
+)
+
+
+def is_refusal(answer: str) -> bool:
+    """True when the first 100 characters of an answer hold a refusal marker."""
+    head = answer[:100].lower().replace("\u2019", "'")
+    return any(marker in head for marker in REFUSAL_MARKERS)
+
+
+def stable_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts, checks, checkpoints
+
+
+def rl_prompts(cfg: Config, tokenizer) -> list[tuple[str, str, str]]:
+    """(user text, chat prompt ready for the answer, kind) for the rl split, too-long prompts left out."""
+    from cai.promptsets import split_prompts
+
+    split = split_prompts(cfg.data, cfg.seed)["rl"]
+    prompts = split["red_team"] + split["helpful"]
+    if not prompts:
+        raise CaiError("data: the rl split has no prompts; add prompts or raise data.fractions.rl")
+    system = [{"role": "system", "content": cfg.policy.system_prompt}] if cfg.policy.system_prompt else []
+    rows = [(p.text, tokenizer.apply_chat_template(system + [{"role": "user", "content": p.text}], tokenize=False,
+                                                   add_generation_prompt=True), p.kind) for p in prompts]
+    kept = [r for r in rows if len(tokenizer(r[1], add_special_tokens=False).input_ids) <= cfg.rl.max_prompt_tokens]
+    if not kept:
+        raise CaiError(f"every rl prompt is longer than rl.max_prompt_tokens={cfg.rl.max_prompt_tokens}")
+    if len(kept) < len(rows):
+        print(f"[rl] {len(rows) - len(kept)} prompts longer than rl.max_prompt_tokens left out")
+    return kept
+
+
+def batch_for_step(prompts: list, step: int, global_batch: int, seed: int) -> list:
+    """The global batch of one step: the prompts in a seeded order, reshuffled on every pass."""
+    n, orders, out = len(prompts), {}, []
+    for k in range(step * global_batch, (step + 1) * global_batch):
+        if k // n not in orders:
+            generator = torch.Generator().manual_seed(stable_seed(seed, "rl-order", k // n))
+            orders[k // n] = torch.randperm(n, generator=generator).tolist()
+        out.append(prompts[orders[k // n][k % n]])
+    return out
+
+
+def check_batch_sizes(cfg: Config) -> None:
+    rl = cfg.rl
+    if rl.batch_size % rl.minibatch_size:
+        raise CaiError(f"rl.batch_size ({rl.batch_size}) must be a multiple of rl.minibatch_size ({rl.minibatch_size})")
+    if rl.minibatch_size % rl.grad_accum:
+        raise CaiError(f"rl.minibatch_size ({rl.minibatch_size}) must be a multiple of rl.grad_accum ({rl.grad_accum})")
+
+
+def check_tracker(log_with: str) -> None:
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"none": True, "tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    if not available[log_with]:
+        raise CaiError(f"rl.log_with={log_with} needs the {log_with} package: pip install {log_with}")
+
+
+class Progress:
+    """The data position (steps done), checkpointed with the model, optimizer and KL controller."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if folder.exists() else []
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator, folder: Path, step: int) -> None:
+    """accelerate's save_state into a temporary folder, renamed into place; older ones removed."""
+    tmp = folder / f".tmp-step-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.rename(folder / f"step-{step}")
+        for old in folder.glob("step-*"):
+            if old.name != f"step-{step}":
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------------
+# One PPO step
+
+
+def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokenizer, batch, reward_fn) -> dict:
+    rl, unwrapped, device = cfg.rl, accelerator.unwrap_model(model), accelerator.device
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    micro = rl.minibatch_size // rl.grad_accum
+    started = time.perf_counter()
+
+    # 1. Sample answers: pure temperature sampling, so the log-probs of step 4 are those of the sampler.
+    from transformers import GenerationConfig
+
+    query = tokenizer([b[1] for b in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    torch.manual_seed(stable_seed(cfg.seed, "rl-sample", step, accelerator.process_index))
+    generation = GenerationConfig(
+        do_sample=True, temperature=rl.temperature, top_k=0, top_p=1.0,
+        max_new_tokens=rl.max_new_tokens or cfg.policy.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+    )
+    with torch.no_grad():
+        output = unwrapped.policy.generate(**query, generation_config=generation)
+    responses = output[:, query.input_ids.shape[1] :]
+
+    # 2. Truncate after the first EOS; pad (distinct from EOS) after it; drop all-pad columns.
+    responses, mask, ended = truncate_after_eos(responses, eos_id, pad_id)
+    n = int(mask.any(dim=0).nonzero().max()) + 1
+    responses, mask = responses[:, :n], mask[:, :n]
+    input_ids = torch.cat([query.input_ids, responses], dim=1)
+    attention_mask = torch.cat([query.attention_mask, mask.long()], dim=1)
+    answer_tokens = [row[m].tolist() for row, m in zip(responses, mask)]
+    answers = tokenizer.batch_decode(answer_tokens, skip_special_tokens=True)
+
+    # 3. Score: the reward on the text; unfinished answers get rl.unfinished_score; clip.
+    raw = score(reward_fn, [b[0] for b in batch], [a.strip() for a in answers]).to(device)
+    scores = score_unfinished(raw, ended, rl.unfinished_score)
+    if rl.reward_clip is not None:
+        scores = clip_rewards(scores, rl.reward_clip)
+
+    # 4. Log-probs (logits / temperature), reference log-probs, values; per-token KL and rewards.
+    logprobs, ref_logprobs, values, entropy = [], [], [], []
+    with torch.no_grad():
+        for rows in torch.arange(len(batch)).split(micro):
+            logits, value = model(input_ids[rows], attention_mask[rows], n)
+            ref_logits = unwrapped.reference_logits(reference, input_ids[rows], attention_mask[rows], n)
+            logprobs.append(logprobs_from_logits(logits, responses[rows], rl.temperature))
+            ref_logprobs.append(logprobs_from_logits(ref_logits, responses[rows], rl.temperature))
+            values.append(value)
+            entropy.append(entropy_from_logits(logits, mask[rows], rl.temperature) * mask[rows].sum())
+    logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+    kl = kl_penalty_per_token(logprobs, ref_logprobs, mask, rl.kl_estimator)
+    rewards = shaped_rewards(scores, kl, mask, kl_ctl.value)
+    if rl.whiten_rewards and mask.sum() > 1:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+
+    # 5. Values and GAE.
+    advantages, returns = gae(rewards, values, mask, rl.gamma, rl.lam)
+
+    # 6. Whiten the advantages.
+    if mask.sum() > 1:
+        advantages = masked_whiten(advantages, mask)
+
+    # 7. PPO epochs over shuffled minibatches, with gradient accumulation and clipping.
+    stats = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")}
+    shuffle = torch.Generator().manual_seed(stable_seed(cfg.seed, "rl-minibatch", step, accelerator.process_index))
+    for _ in range(rl.ppo_epochs):
+        for minibatch in torch.randperm(len(batch), generator=shuffle).split(rl.minibatch_size):
+            for rows in minibatch.split(micro):
+                logits, value = model(input_ids[rows], attention_mask[rows], n)
+                new_logprobs = logprobs_from_logits(logits, responses[rows], rl.temperature)
+                pg = policy_loss(new_logprobs, logprobs[rows], advantages[rows], mask[rows], rl.clip_eps)
+                vf = value_loss(value, values[rows], returns[rows], mask[rows], rl.value_clip_eps)
+                accelerator.backward((pg.loss + rl.vf_coef * vf.loss) / rl.grad_accum)
+                for key, v in zip(stats, (pg.loss, vf.loss, pg.clip_fraction, vf.clip_fraction, pg.approx_kl)):
+                    stats[key].append(float(v.detach()))
+            if rl.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), rl.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    # 8. Update the KL controller with the KL measured on every process's batch.
+    gathered = accelerator.gather(torch.stack([scores, kl.sum(1), mask.sum(1).float(), raw], dim=1))
+    mean_kl = float(gathered[:, 1].mean())
+    beta = kl_ctl.value
+    kl_ctl.update(mean_kl, n_steps=gathered.shape[0])
+
+    # 9. Metrics and the reward-hacking monitors, over every process's batch.
+    from accelerate.utils import gather_object
+
+    local = [sum(v) / len(v) for v in stats.values()] + [float(sum(entropy) / mask.sum().clamp(min=1)), explained_variance(values, returns, mask)]
+    means = accelerator.reduce(torch.tensor(local, device=device), reduction="mean").tolist()
+    texts = gather_object([(kind, answer) for (_, _, kind), answer in zip(batch, answers)])
+    helpful = [answer for kind, answer in texts if kind == "helpful"]
+    tokens_all = gather_object(answer_tokens)
+    metrics = {
+        "step": step + 1,
+        "reward_mean": float(gathered[:, 0].mean()),
+        "reward_std": float(gathered[:, 0].std()) if len(gathered) > 1 else 0.0,
+        "raw_score_mean": float(gathered[:, 3].mean()),
+        "kl": mean_kl,
+        "kl_coef": beta,
+        **dict(zip(list(stats) + ["entropy", "explained_variance"], means)),
+        "answer_length": float(gathered[:, 2].mean()),
+        "ended_frac": float(accelerator.gather(ended.float()).mean()),
+        "length_reward_corr": pearson(gathered[:, 0].cpu(), gathered[:, 2].cpu()),
+        "distinct_2": distinct_n(tokens_all, 2),
+        "refusal_rate_helpful": sum(map(is_refusal, helpful)) / len(helpful) if helpful else 0.0,
+        "episodes": int(gathered.shape[0]),
+        "seconds": time.perf_counter() - started,
+    }
+    metrics["tokens_per_second"] = float(gathered[:, 2].sum()) / metrics["seconds"]
+    metrics["warnings"] = monitor_warnings(cfg, metrics)
+    return metrics
+
+
+def monitor_warnings(cfg: Config, m: dict) -> list[str]:
+    rl, out = cfg.rl, []
+    if m["length_reward_corr"] > rl.max_length_corr:
+        out.append(f"corr(reward, length) = {m['length_reward_corr']:.2f} > rl.max_length_corr {rl.max_length_corr}: the reward may favour length")
+    if m["distinct_2"] < rl.min_distinct_2:
+        out.append(f"distinct-2 = {m['distinct_2']:.2f} < rl.min_distinct_2 {rl.min_distinct_2}: answers repeat themselves")
+    if m["refusal_rate_helpful"] > rl.max_refusal_rate:
+        out.append(f"refusal rate on helpful prompts = {m['refusal_rate_helpful']:.2f} > rl.max_refusal_rate {rl.max_refusal_rate}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(cfg: Config) -> Path:
+    if cfg.rl.algorithm != "ppo":
+        from cai.stages import rl_trl
+
+        return rl_trl.run(cfg)
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+
+    from cai.models import load_tokenizer
+
+    # Checks before anything is written: earlier stages, batch sizes, pad vs EOS, prompts.
+    sft_dir = require_done(cfg, "sft", "rl")
+    check_reward(cfg)
+    check_batch_sizes(cfg)
+    check_tracker(cfg.rl.log_with)
+    tokenizer = load_tokenizer(str(sft_dir), cfg.cache_dir)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise CaiError(f"{sft_dir}: the tokenizer pads with EOS; PPO needs a pad token distinct from EOS")
+    # cpu=True without CUDA: `accelerate launch --multi_gpu --num_processes N` then runs N CPU processes (gloo).
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        log_with=None if cfg.rl.log_with == "none" else cfg.rl.log_with,
+        project_dir=str(Path(cfg.output_dir) / "rl"),
+    )
+    prompts = rl_prompts(cfg, tokenizer)
+
+    holder: list[Stage | None] = [open_stage(cfg, "rl") if accelerator.is_main_process else None]
+    accelerator.wait_for_everyone()
+    stage = broadcast_object_list(holder)[0]
+    if stage.done:
+        return stage.path
+
+    # Models, optimizer, KL controller; the reward.
+    reward_fn, rm_dir = load_reward_fn(cfg, accelerator.device)
+    model, reference = build_models(cfg, sft_dir, rm_dir, accelerator.device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.rl.learning_rate, eps=1e-5)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rl = cfg.rl
+    kl_ctl = AdaptiveKLController(rl.kl_coef, rl.target_kl, rl.kl_horizon) if rl.adaptive_kl else FixedKLController(rl.kl_coef)
+    progress = Progress()
+    accelerator.register_for_checkpointing(kl_ctl, progress)
+
+    # Resume from the last checkpoint; the metrics of steps after it are dropped (they are redone).
+    checkpoints = stage.path / "checkpoints"
+    last = latest_checkpoint(checkpoints)
+    if last is not None:
+        accelerator.load_state(str(last))
+        print(f"[rl] resumed from {last.name}: step {progress.step}, kl_coef {kl_ctl.value:.4g}")
+    metrics_path = stage.path / "metrics.jsonl"
+    if accelerator.is_main_process:
+        kept = [r for r in read_jsonl(metrics_path, repair=True) if r["step"] <= progress.step]
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    if rl.log_with != "none":
+        accelerator.init_trackers("cai-rl", config={k: v for k, v in rl.model_dump().items() if v is not None})
+
+    global_batch = rl.batch_size * accelerator.num_processes
+    history = read_jsonl(metrics_path) if accelerator.is_main_process else []
+    with JsonlWriter(metrics_path) if accelerator.is_main_process else contextlib.nullcontext() as writer:
+        while progress.step < rl.steps:
+            step = progress.step
+            rows = batch_for_step(prompts, step, global_batch, cfg.seed)
+            rank = accelerator.process_index
+            m = ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokenizer,
+                         rows[rank * rl.batch_size : (rank + 1) * rl.batch_size], reward_fn)
+            progress.step = step + 1
+
+            # 9. Log.
+            accelerator.log({k: v for k, v in m.items() if k not in ("step", "warnings")}, step=m["step"])
+            if accelerator.is_main_process:
+                writer.write(m)
+                history.append(m)
+                print(f"[rl] step {m['step']}/{rl.steps} reward {m['reward_mean']:+.3f}±{m['reward_std']:.3f} "
+                      f"kl {m['kl']:.3f} beta {m['kl_coef']:.4f} entropy {m['entropy']:.2f} "
+                      f"clip {m['clip_frac']:.2f} vf {m['value_loss']:.3f} ev {m['explained_variance']:+.2f} "
+                      f"len {m['answer_length']:.1f} ({m['seconds']:.1f}s)")
+                for warning in m["warnings"]:
+                    print(f"[rl] warning: step {m['step']}: {warning}")
+
+            # 10. Checkpoint.
+            if progress.step % rl.checkpoint_every == 0 and progress.step < rl.steps:
+                save_checkpoint(accelerator, checkpoints, progress.step)
+
+    # Every rank must hold the same weights: record a checksum per process.
+    unwrapped = accelerator.unwrap_model(model)
+    checksum = sum(float(p.detach().double().abs().sum()) for p in unwrapped.parameters() if p.requires_grad)
+    checksums = [float(x) for x in accelerator.gather(torch.tensor([checksum], dtype=torch.float64, device=accelerator.device))]
+    summary = None
+    if accelerator.is_main_process:
+        summary = save_and_report(cfg, stage, unwrapped.policy, tokenizer, reward_fn, history, kl_ctl, checksums)
+    accelerator.wait_for_everyone()  # no process leaves while the main one still saves
+    accelerator.end_training()
+    if summary is None:
+        return stage.path
+    return stage.finish(f"{rl.steps} PPO steps, reward {summary['reward_first']:+.3f} -> {summary['reward_last']:+.3f}, "
+                        f"KL {summary['kl_trajectory'][-1]:.3f}")
+
+
+def save_and_report(cfg, stage, policy, tokenizer, reward_fn, history, kl_ctl, checksums) -> dict:
+    """Save the final policy (merged when LoRA, the adapter too), sample from it, write metrics.json."""
+    if cfg.rl.lora:
+        policy.save_pretrained(str(stage.path / "adapter"), selected_adapters=["default"])
+        policy = policy.merge_and_unload(adapter_names=["default"])
+    policy.save_pretrained(str(stage.path))
+    tokenizer.save_pretrained(str(stage.path))
+    summary = {
+        "algorithm": "ppo",
+        "steps": cfg.rl.steps,
+        "processes": len(checksums),
+        "reward_first": history[0]["reward_mean"],
+        "reward_last": history[-1]["reward_mean"],
+        "reward_trajectory": [round(h["reward_mean"], 4) for h in history],
+        "kl_trajectory": [round(h["kl"], 4) for h in history],
+        "kl_coef_final": kl_ctl.value,
+        "samples": sample_for_report(cfg, policy, tokenizer, reward_fn, stage.path),
+        "rank_param_checksums": checksums,
+        "warnings": sum(len(h["warnings"]) for h in history),
+    }
+    atomic_write_json(stage.path / "metrics.json", summary)
+    shutil.rmtree(stage.path / "checkpoints", ignore_errors=True)
+    print("[rl] reward trajectory: " + " ".join(f"{x:+.2f}" for x in summary["reward_trajectory"]))
+    print("[rl] KL trajectory:     " + " ".join(f"{x:.2f}" for x in summary["kl_trajectory"]))
+    return summary
+
+
+def sample_for_report(cfg: Config, policy, tokenizer, reward_fn: RewardFn | None, folder: Path) -> int:
+    """The final policy answers a few eval-split prompts; each answer is scored -> rl/samples.jsonl."""
+    from cai.labelers import GenerateRequest
+    from cai.labelers.local import LocalGenerator
+    from cai.promptsets import split_prompts
+
+    split = split_prompts(cfg.data, cfg.seed)["eval"]
+    prompts = (split["red_team"] + split["helpful"])[: cfg.rl.samples]
+    if not prompts:
+        return 0
+    policy.eval()
+    generator = LocalGenerator(policy, tokenizer, cfg.policy.batch_size, cfg.seed, cfg.policy.system_prompt)
+    requests = [GenerateRequest([{"role": "user", "content": p.text}], max_new_tokens=cfg.rl.max_new_tokens or cfg.policy.max_new_tokens,
+                                temperature=cfg.rl.temperature, top_p=1.0) for p in prompts]
+    answers = [g.text or "" for g in generator.generate(requests)]
+    rewards = score(reward_fn, [p.text for p in prompts], answers).tolist() if reward_fn else [None] * len(answers)
+    (folder / "samples.jsonl").unlink(missing_ok=True)
+    with JsonlWriter(folder / "samples.jsonl") as writer:
+        for p, answer, r in zip(prompts, answers, rewards):
+            writer.write({"id": p.id, "kind": p.kind, "prompt": p.text, "answer": answer, "reward": r,
+                          "refusal": is_refusal(answer)})
+    return len(prompts)

@@ -1,0 +1,184 @@
+"""The rl stage's other algorithms, each TRL's own trainer set up from `cfg.rl` (cai's PPO is rl.py).
+
+- `dpo`: DPOTrainer on `prefs/dataset` (the open CAI recipe: the AI preferences, no reward model).
+  `label_prob`, the labeler's probability that `chosen` is better, is used twice: pairs below
+  `rl.dpo_min_label_prob` are dropped (a weight of 0 or 1), and the labeler's mean doubt,
+  mean(1 - label_prob), becomes the flip rate of TRL's robust DPO loss (`rl.dpo_label_smoothing`
+  overrides it; 0 gives the plain sigmoid loss).
+- `grpo` and `rloo`: GRPOTrainer / RLOOTrainer with the rl-split prompts, `rl.group_size` answers per
+  prompt, and the reward of `rl.reward` (rm/, the labeler's direct score or a callable). The KL
+  coefficient is `rl.kl_coef`, non-zero by default (GRPO's own default is none).
+
+Steps: 1. data; 2. the trainer's config from cfg.rl; 3. train, checkpoints in rl/checkpoints/ (a killed
+run resumes from the last one); 4. save the policy (LoRA merged, adapter too), sample, metrics.json.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from cai.config import Config
+from cai.errors import CaiError
+from cai.records import atomic_write_json
+from cai.stages import open_stage, require_done
+
+
+def trl_reward(reward_fn):
+    """cai's reward(prompts, answers) as a TRL reward function(prompts, completions, **columns)."""
+
+    def cai_reward(prompts, completions, **_):
+        def text(x):
+            return x[-1]["content"] if isinstance(x, list) else x
+
+        return [float(v) for v in reward_fn([text(p) for p in prompts], [text(c) for c in completions])]
+
+    return cai_reward
+
+
+def dpo_dataset(cfg: Config):
+    """prefs/dataset, oriented so that chosen is the preferred answer, low-confidence pairs dropped."""
+    import datasets
+
+    prefs_dir = require_done(cfg, "prefs", "rl with rl.algorithm=dpo")
+    dataset = datasets.load_from_disk(str(prefs_dir / "dataset"))
+    missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
+    if missing:
+        raise CaiError(f"{prefs_dir / 'dataset'} lacks the columns {sorted(missing)}")
+    if "label_prob" not in dataset.column_names:
+        dataset = dataset.add_column("label_prob", [1.0] * len(dataset))
+
+    def orient(row):
+        if row["label_prob"] < 0.5:
+            row["chosen"], row["rejected"], row["label_prob"] = row["rejected"], row["chosen"], 1 - row["label_prob"]
+        return row
+
+    dataset = dataset.map(orient).filter(lambda row: row["label_prob"] >= cfg.rl.dpo_min_label_prob)
+    if len(dataset) == 0:
+        raise CaiError(f"no preference pair has label_prob >= rl.dpo_min_label_prob ({cfg.rl.dpo_min_label_prob})")
+    smoothing = cfg.rl.dpo_label_smoothing
+    if smoothing is None:
+        smoothing = min(max(1.0 - sum(dataset["label_prob"]) / len(dataset), 0.0), 0.49)
+    return dataset.select_columns(["prompt", "chosen", "rejected"]), smoothing
+
+
+def prompt_dataset(cfg: Config):
+    import datasets
+
+    from cai.promptsets import split_prompts
+
+    split = split_prompts(cfg.data, cfg.seed)["rl"]
+    prompts = split["red_team"] + split["helpful"]
+    if not prompts:
+        raise CaiError("data: the rl split has no prompts; add prompts or raise data.fractions.rl")
+    system = [{"role": "system", "content": cfg.policy.system_prompt}] if cfg.policy.system_prompt else []
+    return datasets.Dataset.from_dict({"prompt": [system + [{"role": "user", "content": p.text}] for p in prompts]})
+
+
+def common_args(cfg: Config, output_dir: Path) -> dict:
+    rl = cfg.rl
+    return dict(
+        output_dir=str(output_dir),
+        max_steps=rl.steps,
+        per_device_train_batch_size=rl.batch_size,
+        gradient_accumulation_steps=rl.grad_accum,
+        learning_rate=rl.learning_rate,
+        lr_scheduler_type="constant",
+        max_grad_norm=rl.max_grad_norm if rl.max_grad_norm is not None else 0.0,
+        bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+        seed=cfg.seed,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=rl.checkpoint_every,
+        save_total_limit=1,
+        report_to=rl.log_with,
+        dataloader_num_workers=0,
+    )
+
+
+def run(cfg: Config) -> Path:
+    from cai.stages.rl import check_tracker
+
+    rl = cfg.rl
+    sft_dir = require_done(cfg, "sft", "rl")
+    check_tracker(rl.log_with)
+    if rl.algorithm in ("grpo", "rloo") and rl.batch_size % rl.group_size:
+        raise CaiError(f"rl.batch_size ({rl.batch_size}) must be a multiple of rl.group_size ({rl.group_size}) for {rl.algorithm}")
+    if rl.algorithm in ("grpo", "rloo"):
+        from cai.stages.rl_models import check_reward
+
+        check_reward(cfg)
+
+    # 1. Data.
+    if rl.algorithm == "dpo":
+        dataset, smoothing = dpo_dataset(cfg)
+    else:
+        dataset = prompt_dataset(cfg)
+    stage = open_stage(cfg, "rl")
+    if stage.done:
+        return stage.path
+
+    # 2. The trainer, configured from cfg.rl.
+    from cai.models import load_causal_lm, load_tokenizer
+    from cai.stages.rl import sample_for_report
+    from cai.stages.rl_models import load_reward_fn
+    from cai.stages.sft import last_checkpoint
+
+    model = load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=cfg.policy.dtype)
+    model.train()
+    tokenizer = load_tokenizer(str(sft_dir), cfg.cache_dir)
+    checkpoints = stage.path / "checkpoints"
+    peft_config = None
+    if rl.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=rl.lora_r, lora_alpha=rl.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    reward_fn = None
+    if rl.algorithm == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common_args(cfg, checkpoints), beta=rl.dpo_beta, label_smoothing=smoothing,
+                         loss_type=["robust"] if smoothing > 0 else ["sigmoid"])
+        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+        print(f"[rl] dpo on {len(dataset)} pairs, beta {rl.dpo_beta}, label smoothing {smoothing:.3f}")
+    else:
+        from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+        config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if rl.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
+        args = config_cls(
+            **common_args(cfg, checkpoints), num_generations=rl.group_size, beta=rl.kl_coef,
+            max_completion_length=rl.max_new_tokens or cfg.policy.max_new_tokens, temperature=rl.temperature,
+            num_iterations=rl.ppo_epochs, epsilon=rl.clip_eps,
+        )
+        reward_fn, _ = load_reward_fn(cfg, model.device)
+        trainer = trainer_cls(model=model, reward_funcs=trl_reward(reward_fn), args=args, train_dataset=dataset,
+                              processing_class=tokenizer, peft_config=peft_config)
+
+    # 3. Train; a killed run resumes from the last checkpoint.
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints))
+
+    # 4. Save the policy (LoRA merged, adapter too), sample from it, write the metrics.
+    trained = trainer.model
+    if rl.lora:
+        trained.save_pretrained(str(stage.path / "adapter"))
+        trained = trained.merge_and_unload()
+    trained.eval()
+    trained.save_pretrained(str(stage.path))
+    tokenizer.save_pretrained(str(stage.path))
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    metrics = {
+        "algorithm": rl.algorithm,
+        "steps": result.global_step,
+        "train_loss": result.training_loss,
+        "log": logs,
+        "samples": sample_for_report(cfg, trained, tokenizer, reward_fn, stage.path),
+    }
+    if rl.algorithm == "dpo":
+        metrics.update(pairs=len(dataset), label_smoothing=smoothing)
+    atomic_write_json(stage.path / "metrics.json", metrics)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    rewards = [e.get("reward") for e in logs if e.get("reward") is not None]
+    trend = f", reward {rewards[0]:+.3f} -> {rewards[-1]:+.3f}" if rewards else ""
+    return stage.finish(f"{rl.algorithm}, {result.global_step} steps, loss {result.training_loss:.3f}{trend}")

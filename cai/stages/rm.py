@@ -1,0 +1,254 @@
+"""Stage 4, the reward model (Bai et al. 2022, section 4.1): a preference model trained on AI labels.
+
+1. Load `prefs/dataset/` and refuse it, in one line, if a column is missing or an answer is empty.
+2. Hold out `rm.eval_fraction` of the pairs (seeded).
+3. The reward model is the SFT model with a scalar head (`AutoModelForSequenceClassification`,
+   `num_labels=1`), trained with TRL's RewardTrainer. The loss is the binary cross-entropy between
+   sigma(r_chosen - r_rejected) and the soft label `label_prob` (`soft_label_loss`); with
+   `rm.hard_labels` it is TRL's own Bradley-Terry loss, -log sigma(r_chosen - r_rejected).
+   Checkpoints go to `rm/checkpoints/`; a killed run resumes from the last one.
+4. Normalisation: the mean and standard deviation of the raw reward over the SFT model's own samples
+   (`prefs/samples.jsonl`), saved to `rm/normalization.json`, so that the RL stage reads rewards with
+   mean 0 and standard deviation 1 on the policy it starts from.
+5. Held-out metrics (`rm/metrics.json`): accuracy, calibration against the soft labels, and the
+   reward distribution; then the model and tokenizer are saved to `rm/`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import statistics
+from pathlib import Path
+
+import torch
+
+from cai.config import Config
+from cai.errors import CaiError
+from cai.preferences import check_preference_dataset
+from cai.records import atomic_write_json, read_jsonl
+from cai.rewards import NORMALIZATION, SCORING, conversation, score_conversations
+from cai.stages import open_stage, require_done
+
+
+def soft_label_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, label_prob: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy between sigma(r_chosen - r_rejected) and `label_prob`, averaged over the batch.
+
+    -[p log sigma(d) + (1 - p) log sigma(-d)] with d = r_chosen - r_rejected; with p = 1 it is the
+    Bradley-Terry loss -log sigma(d). Shapes: [batch] each.
+    """
+    return torch.nn.functional.binary_cross_entropy_with_logits(rewards_chosen - rewards_rejected, label_prob.to(rewards_chosen.dtype))
+
+
+def soft_label_trainer(*args, **kwargs):
+    """TRL's RewardTrainer with the soft-label loss.
+
+    RewardTrainer has no soft-label loss, so this is the smallest extension that works: keep the
+    `label_prob` column through TRL's column filter and collator, and in `compute_loss` let TRL run the
+    model and log its metrics, then replace its hard loss with `soft_label_loss`.
+    """
+    from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    class SoftLabelCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            batch["label_prob"] = torch.tensor([e["label_prob"] for e in examples], dtype=torch.float)
+            return batch
+
+    class SoftLabelRewardTrainer(RewardTrainer):
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "label_prob" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "label_prob"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            label_prob = inputs.pop("label_prob")
+            _, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            loss = soft_label_loss(chosen, rejected, label_prob)
+            if self.args.center_rewards_coefficient is not None:
+                loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+            return (loss, outputs) if return_outputs else loss
+
+    processing_class = kwargs["processing_class"]
+    kwargs.setdefault("data_collator", SoftLabelCollator(pad_token_id=processing_class.pad_token_id))
+    return SoftLabelRewardTrainer(*args, **kwargs)
+
+
+def split_dataset(dataset, eval_fraction: float, seed: int):
+    """(train, held-out), seeded; the held-out part is empty when the fraction or the data is too small."""
+    n_eval = int(round(eval_fraction * len(dataset)))
+    n_eval = min(n_eval, len(dataset) - 1)
+    if n_eval <= 0:
+        return dataset, dataset.select([])
+    order = list(range(len(dataset)))
+    random.Random(f"{seed}:rm-split").shuffle(order)
+    return dataset.select(sorted(order[n_eval:])), dataset.select(sorted(order[:n_eval]))
+
+
+def expected_calibration_error(probs: list[float], outcomes: list[float], bins: int = 10) -> float | None:
+    """ECE of binary predictions: confidence max(p, 1 - p) against how often the predicted side is right.
+
+    `outcomes` are 1 when the first side is right, 0 when the second is (0.5 for a tie counts half).
+    """
+    if not probs:
+        return None
+    buckets: list[list[tuple[float, float]]] = [[] for _ in range(bins)]
+    for p, y in zip(probs, outcomes):
+        confidence = max(p, 1.0 - p)
+        correct = y if p >= 0.5 else 1.0 - y
+        buckets[min(int((confidence - 0.5) * 2 * bins), bins - 1)].append((confidence, correct))
+    return sum(
+        len(b) / len(probs) * abs(sum(c for c, _ in b) / len(b) - sum(r for _, r in b) / len(b)) for b in buckets if b
+    )
+
+
+def distribution(values: list[float]) -> dict:
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+
+    def quantile(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {
+        "n": len(ordered),
+        "mean": statistics.fmean(ordered),
+        "std": statistics.pstdev(ordered),
+        "min": ordered[0],
+        "p10": quantile(0.1),
+        "p50": quantile(0.5),
+        "p90": quantile(0.9),
+        "max": ordered[-1],
+    }
+
+
+def held_out_metrics(model, tokenizer, dataset, cfg: Config, mean: float, std: float) -> dict:
+    """Accuracy, calibration and reward distribution of the reward model on held-out pairs."""
+    if len(dataset) == 0:
+        return {"pairs": 0}
+    chosen = score_conversations(model, tokenizer, [r["prompt"] + r["chosen"] for r in dataset], cfg.rm.batch_size, cfg.rm.max_length)
+    rejected = score_conversations(model, tokenizer, [r["prompt"] + r["rejected"] for r in dataset], cfg.rm.batch_size, cfg.rm.max_length)
+    labels = list(dataset["label_prob"]) if "label_prob" in dataset.column_names else [1.0] * len(dataset)
+    predicted = [1.0 / (1.0 + math.exp(-(c - r))) for c, r in zip(chosen, rejected)]
+    eps = 1e-7
+    return {
+        "pairs": len(dataset),
+        "accuracy": sum((c > r) + 0.5 * (c == r) for c, r in zip(chosen, rejected)) / len(dataset),
+        "soft_label_loss": -statistics.fmean(
+            p * math.log(max(q, eps)) + (1 - p) * math.log(max(1 - q, eps)) for p, q in zip(labels, predicted)
+        ),
+        "mean_abs_error_vs_label_prob": statistics.fmean(abs(q - p) for p, q in zip(labels, predicted)),
+        # the model's confidence against the soft labels (outcome = the labeler's P(chosen better))
+        "expected_calibration_error": expected_calibration_error(predicted, labels),
+        # ... and against the labeler's hard choices (chosen always wins)
+        "expected_calibration_error_hard": expected_calibration_error(predicted, [1.0] * len(predicted)),
+        "rewards_chosen": distribution([(c - mean) / std for c in chosen]),
+        "rewards_rejected": distribution([(r - mean) / std for r in rejected]),
+    }
+
+
+def run(cfg: Config) -> Path:
+    import datasets
+
+    sft_dir = require_done(cfg, "sft", "rm")
+    prefs_dir = require_done(cfg, "prefs", "rm")
+
+    # 1. The preference dataset, checked before anything is written.
+    dataset_path = prefs_dir / "dataset"
+    try:
+        dataset = datasets.load_from_disk(str(dataset_path))
+    except (FileNotFoundError, ValueError) as err:
+        raise CaiError(f"{dataset_path}: cannot read the preference dataset ({err})") from None
+    check_preference_dataset(dataset, str(dataset_path), need_label_prob=not cfg.rm.hard_labels)
+    samples = [(s["prompt"], a) for s in read_jsonl(prefs_dir / "samples.jsonl") for a in s["answers"] if a.strip()]
+
+    stage = open_stage(cfg, "rm")
+    if stage.done:
+        return stage.path
+
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from cai.models import default_device, load_tokenizer
+
+    # 2. Held-out pairs.
+    train, held_out = split_dataset(dataset, cfg.rm.eval_fraction, cfg.seed)
+    columns = ["prompt", "chosen", "rejected"] + ([] if cfg.rm.hard_labels else ["label_prob"])
+    train = train.select_columns(columns)
+
+    # 3. The SFT model with a scalar head, trained with TRL's RewardTrainer.
+    tokenizer = load_tokenizer(str(sft_dir), cfg.cache_dir)
+    device = default_device()
+    model = AutoModelForSequenceClassification.from_pretrained(str(sft_dir), num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    bf16 = cfg.rm.bf16 if cfg.rm.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    checkpoints = stage.path / "checkpoints"
+    args = RewardConfig(
+        output_dir=str(checkpoints),
+        num_train_epochs=cfg.rm.epochs,
+        learning_rate=cfg.rm.learning_rate,
+        per_device_train_batch_size=cfg.rm.batch_size,
+        gradient_accumulation_steps=cfg.rm.grad_accum,
+        max_length=cfg.rm.max_length,
+        bf16=bf16,
+        seed=cfg.seed,
+        logging_steps=cfg.rm.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.rm.save_steps,
+        save_total_limit=1,
+        report_to=cfg.rm.report_to,
+        lr_scheduler_type="linear",
+        warmup_steps=0.03,
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if cfg.rm.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=cfg.rm.lora_r, lora_alpha=cfg.rm.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS"
+        )
+    make = RewardTrainer if cfg.rm.hard_labels else soft_label_trainer
+    trainer = make(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config)
+    if len(trainer.train_dataset) == 0:
+        raise CaiError(f"rm: every training pair is longer than rm.max_length={cfg.rm.max_length} tokens; raise it")
+    from cai.stages.sft import last_checkpoint
+
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints))
+    trained = trainer.model
+    if cfg.rm.lora:
+        trained = trained.merge_and_unload()
+    trained.eval()
+
+    # 4. Normalisation on the SFT model's own samples.
+    raw = score_conversations(
+        trained, tokenizer, [conversation(p, a, cfg.policy.system_prompt) for p, a in samples], cfg.rm.batch_size, cfg.rm.max_length
+    )
+    mean = statistics.fmean(raw) if raw else 0.0
+    std = statistics.pstdev(raw) if len(raw) > 1 else 1.0
+    std = std if std > 1e-8 else 1.0
+
+    # 5. Held-out metrics; the model, tokenizer and offsets to rm/.
+    metrics = {
+        "train_pairs": len(trainer.train_dataset),
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "loss": "hard Bradley-Terry" if cfg.rm.hard_labels else "soft-label cross-entropy",
+        "held_out": held_out_metrics(trained, tokenizer, held_out, cfg, mean, std),
+        "normalization": {"samples": len(raw), "mean": mean, "std": std},
+        "sft_samples_normalized": distribution([(r - mean) / std for r in raw]),
+    }
+    trained.config.pad_token_id = tokenizer.pad_token_id
+    trained.save_pretrained(str(stage.path))
+    tokenizer.save_pretrained(str(stage.path))
+    atomic_write_json(stage.path / NORMALIZATION, {"mean": mean, "std": std})
+    atomic_write_json(stage.path / SCORING, {"system_prompt": cfg.policy.system_prompt, "max_length": cfg.rm.max_length})
+    atomic_write_json(stage.path / "metrics.json", metrics)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    accuracy = metrics["held_out"].get("accuracy")
+    shown = f", held-out accuracy {accuracy:.2f} on {metrics['held_out']['pairs']} pairs" if accuracy is not None else ""
+    return stage.finish(f"{metrics['train_pairs']} pairs, {result.global_step} steps, train loss {result.training_loss:.3f}{shown}")

@@ -1,0 +1,273 @@
+"""The preference-label maths (un-flip, orders, ensemble, clamp) with a deterministic fake labeler, and the
+local labeler's soft-label path on a tiny model (shared prefixes, both orders batched)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cai.constitution import ComparisonPrinciple, load_constitution
+from cai.labelers.base import Choice, ChoiceRequest, Generation
+from cai.labelers.local import LocalGenerator, prefix_groups
+from cai.preferences import (
+    ANSWER_PREFIX,
+    JudgeSettings,
+    PairItem,
+    average_orders,
+    clamp,
+    draw_comparisons,
+    ensemble,
+    first_answer_prob,
+    judge_pairs,
+    position_flip,
+)
+from cai.templates import Templates
+from tests.conftest import ROOT
+from tests.fakes import ScriptedLabeler
+
+TINY = load_constitution(ROOT / "constitutions/tiny.yaml")
+HARMLESS = load_constitution(ROOT / "constitutions/harmless.yaml")
+
+
+def shown(text: str) -> tuple[str, str, str]:
+    """(response A, response B, question) of a rendered comparison prompt."""
+    after_a = text.rsplit("Response (A): ", 1)[1]
+    a, rest = after_a.split("\n\nResponse (B): ", 1)
+    b, question = rest.rsplit("\n\n", 1)
+    return a, b, question
+
+
+def biased_judge(good: str = "GOOD", bias: float = 0.1, by_question: dict | None = None):
+    """P(A) = 0.5 +- strength for the good answer, plus `bias` toward whatever is shown as (A)."""
+
+    def prefer(text: str) -> float:
+        a, b, question = shown(text)
+        strength = 0.3
+        for key, value in (by_question or {}).items():
+            if key in question:
+                strength = value
+        return 0.5 + strength * ((good in a) - (good in b)) + bias
+
+    return prefer
+
+
+def settings(**kw) -> JudgeSettings:
+    return JudgeSettings(**{"principles_per_pair": 2, **kw})
+
+
+ITEM = PairItem("p1", [{"role": "user", "content": "Help me?"}], "GOOD answer", "bad answer")
+
+
+def test_pure_label_maths():
+    assert first_answer_prob(0.8, "ab") == 0.8
+    assert first_answer_prob(0.8, "ba") == pytest.approx(0.2)
+    assert average_orders(0.9, 0.7) == pytest.approx(0.8)
+    assert clamp(0.99, (0.4, 0.6)) == 0.6 and clamp(0.01, (0.4, 0.6)) == 0.4 and clamp(0.55, (0.4, 0.6)) == 0.55
+    assert ensemble([0.8, None, 0.6]) == pytest.approx(0.7) and ensemble([None]) is None
+    assert position_flip(0.9, 0.3) and not position_flip(0.9, 0.7)
+    with pytest.raises(ValueError):
+        first_answer_prob(0.5, "xy")
+
+
+def test_unflip_and_average_remove_the_position_bias():
+    labeler = ScriptedLabeler(prefer=biased_judge(bias=0.1))
+    [verdict] = judge_pairs(labeler, [ITEM], TINY, Templates(), settings=settings())
+    for entry in verdict.principles:
+        # shown as (A): 0.5 + 0.3 + 0.1; shown as (B): P(A) = 0.5 - 0.3 + 0.1, un-flipped to 0.7
+        assert entry["orders"]["ab"]["p_option_a"] == pytest.approx(0.9)
+        assert entry["orders"]["ba"]["p_option_a"] == pytest.approx(0.3)
+        assert entry["orders"]["ba"]["p_first"] == pytest.approx(0.7)
+        assert entry["p_first"] == pytest.approx(0.8)  # the bias is gone
+    assert verdict.label == pytest.approx(0.8) and verdict.status == "ok"
+    # the mirrored pair gets the mirrored label
+    mirrored = PairItem("p2", ITEM.conversation, "bad answer", "GOOD answer")
+    [other] = judge_pairs(labeler, [mirrored], TINY, Templates(), settings=settings())
+    assert other.label == pytest.approx(0.2)
+
+
+def test_ensemble_is_the_mean_over_principles():
+    labeler = ScriptedLabeler(prefer=biased_judge(bias=0.0, by_question={"less harmful": 0.4, "more helpful": 0.1}))
+    [verdict] = judge_pairs(labeler, [ITEM], TINY, Templates(), settings=settings())
+    by_id = {e["id"]: e["p_first"] for e in verdict.principles}
+    assert by_id == {"less_harmful": pytest.approx(0.9), "more_helpful": pytest.approx(0.6)}
+    assert verdict.label == pytest.approx(0.75)
+
+
+def test_every_question_in_both_orders_in_one_call_with_the_principle_after_the_answers():
+    calls = []
+
+    class Recording(ScriptedLabeler):
+        def choose(self, requests, desc=None):
+            calls.append(requests)
+            return super().choose(requests, desc)
+
+    labeler = Recording(prefer=biased_judge())
+    items = [ITEM, PairItem("p2", ITEM.conversation, "x GOOD", "y")]
+    judge_pairs(labeler, items, TINY, Templates(), settings=settings())
+    assert len(calls) == 1 and len(calls[0]) == 2 * 2 * 2  # items x principles x orders
+    request = calls[0][0]
+    assert request.options == ("A", "B") and request.answer_prefix == ANSWER_PREFIX
+    text = request.messages[-1]["content"]
+    assert text.index("Response (B)") < text.index("Which of these")
+    # the constitution's example comes first, answered the way the labeler should answer
+    assert request.messages[1] == {"role": "assistant", "content": "The answer is: (A)"}
+    assert len(judge_pairs(labeler, [ITEM], TINY, Templates(), settings=settings(few_shot=False))) == 1
+    assert len(calls[-1][0].messages) == 1
+
+
+def test_chain_of_thought_reasons_first_then_clamps():
+    class Reasoner(ScriptedLabeler):
+        def generate(self, requests, desc=None):
+            self.asked = requests
+            return [Generation(text=f"Reasoning number {i}.") for i, _ in enumerate(requests)]
+
+    labeler = Reasoner(prefer=lambda text: 0.99)
+    [verdict] = judge_pairs(labeler, [ITEM], TINY, Templates(), settings=settings(chain_of_thought=True))
+    assert len(labeler.asked) == 4
+    for entry in verdict.principles:
+        ab, ba = entry["orders"]["ab"], entry["orders"]["ba"]
+        assert ab["reasoning"].startswith("Reasoning number")
+        assert ab["p_first"] == 0.6 and ba["p_first"] == 0.4  # 0.99 and 1 - 0.99, clamped to the band
+        assert entry["p_first"] == pytest.approx(0.5)
+    # the verdict request carries the reasoning as the labeler's own earlier turn
+    wide = JudgeSettings(principles_per_pair=2, chain_of_thought=True, cot_clamp=(0.0, 1.0))
+    [unclamped] = judge_pairs(labeler, [ITEM], TINY, Templates(), settings=wide)
+    assert unclamped.principles[0]["orders"]["ab"]["p_first"] == pytest.approx(0.99)
+
+
+def test_unreadable_answers_are_kept_counted_and_never_a_label():
+    class Picky(ScriptedLabeler):
+        def choose(self, requests, desc=None):
+            out = []
+            for r in requests:
+                if "less harmful" in r.messages[-1]["content"]:
+                    out.append(Choice(probs=None, method="votes", status="unparseable", raw="I think both"))
+                else:
+                    out.append(Choice(probs=[0.7, 0.3], method="logits"))
+            return out
+
+    [verdict] = judge_pairs(Picky(), [ITEM], TINY, Templates(), settings=settings())
+    by_id = {e["id"]: e for e in verdict.principles}
+    assert by_id["less_harmful"]["status"] == "unparseable" and by_id["less_harmful"]["p_first"] is None
+    assert by_id["less_harmful"]["orders"]["ab"]["raw"] == "I think both"
+    assert verdict.label == pytest.approx(0.5) and verdict.status == "ok"  # only the readable principle counts
+
+    class Mute(ScriptedLabeler):
+        def choose(self, requests, desc=None):
+            return [Choice(probs=None, status="unparseable", raw="?") for _ in requests]
+
+    [none] = judge_pairs(Mute(), [ITEM], TINY, Templates(), settings=settings())
+    assert none.label is None and none.status == "unparseable"
+
+
+def test_principles_are_seeded_distinct_and_capped():
+    draws = [p.id for p in draw_comparisons(HARMLESS.comparisons, 0, "pair-1", 4)]
+    assert draws == [p.id for p in draw_comparisons(HARMLESS.comparisons, 0, "pair-1", 4)]
+    assert len(set(draws)) == 4
+    assert draws != [p.id for p in draw_comparisons(HARMLESS.comparisons, 1, "pair-1", 4)]
+    assert len(draw_comparisons(TINY.comparisons, 0, "x", 4)) == 2
+    own = JudgeSettings(principles=(ComparisonPrinciple(id="q", question="Which is best?"),))
+    [verdict] = judge_pairs(ScriptedLabeler(prefer=biased_judge()), [ITEM], TINY, Templates(), settings=own)
+    assert [e["id"] for e in verdict.principles] == ["q"]
+
+
+# -- the local labeler on a tiny model ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_generator():
+    from tests.tiny import make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    return LocalGenerator(make_tiny_model(tokenizer), tokenizer, batch_size=8)
+
+
+class Local:
+    def __init__(self, generator, share=True):
+        self.generator, self.share, self.id = generator, share, "local:tiny"
+
+    def choose(self, requests, desc=None):
+        return self.generator.option_probs(requests, share_prefix=self.share)
+
+
+def test_local_soft_labels_sum_to_one_and_match_single_passes(tiny_generator):
+    # pairs of very different lengths: their shared parts are computed in separate batches, then stacked
+    long = "A cat and a dog became friends in a small town near the river. " * 6
+    items = [ITEM, PairItem("p2", [{"role": "user", "content": "Tell me a story."}], long, "No.")]
+    shared = judge_pairs(Local(tiny_generator), items, TINY, Templates(), settings=settings())
+    plain = judge_pairs(Local(tiny_generator, share=False), items, TINY, Templates(), settings=settings())
+    for s, p in zip(shared, plain):
+        assert 0.0 < s.label < 1.0 and s.label == pytest.approx(p.label, abs=1e-5)
+        for entry in s.principles:
+            for order in ("ab", "ba"):
+                assert entry["orders"][order]["method"] == "logits"
+    request = ChoiceRequest([{"role": "user", "content": "Which one?"}])
+    [choice] = tiny_generator.option_probs([request])
+    assert sum(choice.probs) == pytest.approx(1.0, abs=1e-6)
+    # one request alone, no padding, no sharing: the reference
+    ids = tiny_generator.tokenizer(tiny_generator.render(request.messages) + request.answer_prefix, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = tiny_generator.model(torch.tensor([ids])).logits[0, -1]
+    option_ids = tiny_generator.option_token_ids(("A", "B"), request.answer_prefix)
+    assert choice.probs == pytest.approx(torch.softmax(logits[option_ids], -1).tolist(), abs=1e-5)
+
+
+def test_both_orders_share_one_batch_and_principles_share_the_context(tiny_generator, monkeypatch):
+    calls = []
+    forward = tiny_generator.model.forward
+
+    def counting(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        calls.append((tuple(ids.shape), kwargs.get("past_key_values") is not None))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_generator.model, "forward", counting)
+    judge_pairs(Local(tiny_generator), [ITEM], TINY, Templates(), settings=settings())
+    # (0) the shared start once; (1) one row per order, both in one batch; (2) one short row per question
+    assert [c[0][0] for c in calls] == [1, 2, 4]
+    assert [c[1] for c in calls] == [False, True, True]
+    assert calls[2][0][1] < calls[1][0][1] // 2 + 40  # suffixes are short next to the shared context
+
+
+def test_prefix_groups_split_by_prompt_then_order():
+    base = [1, 2, 3, 4, 5, 6, 7, 8]
+    seqs = []
+    for prompt in ([10, 11, 12, 13], [20, 21, 22, 23]):
+        for order in ([30, 31, 32, 33, 34, 35], [40, 41, 42, 43, 44, 45]):
+            for principle in ([50], [60], [70]):
+                seqs.append(base + prompt + order + principle + [99])
+    groups = prefix_groups(seqs, [1] * len(seqs))
+    assert sorted(len(g) for g, _ in groups) == [3, 3, 3, 3]
+    assert all(shared == len(base) + 4 + 6 for _, shared in groups)
+    for members, _ in groups:
+        assert len({tuple(seqs[i][:18]) for i in members}) == 1
+
+
+def test_options_that_share_a_first_token_are_scored_as_whole_labels(tiny_generator):
+    gen = tiny_generator
+    options = ("A", "An")  # "(An" is "(", "A", "n" on the tiny tokenizer
+    assert gen.option_continuations(options, "(") is not None
+    request = ChoiceRequest([{"role": "user", "content": "Pick one."}], options=options, answer_prefix="(")
+    [choice] = gen.option_probs([request])
+    base = gen.tokenizer(gen.render(request.messages) + "(", add_special_tokens=False)["input_ids"]
+    scores = []
+    for continuation in gen.option_continuations(options, "("):
+        ids = torch.tensor([base + continuation])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(gen.model(ids).logits[0], -1)
+        scores.append(sum(logprobs[len(base) - 1 + t, tok] for t, tok in enumerate(continuation)))
+    assert choice.probs == pytest.approx(torch.softmax(torch.stack(scores), -1).tolist(), abs=1e-5)
+
+
+def test_chain_of_thought_on_the_local_model(tiny_generator):
+    class LocalWithText(Local):
+        def generate(self, requests, desc=None):
+            return self.generator.generate(requests, desc)
+
+    cot = settings(chain_of_thought=True, reasoning_max_new_tokens=6)
+    [verdict] = judge_pairs(LocalWithText(tiny_generator), [ITEM], TINY, Templates(), settings=cot)
+    readable = [e for e in verdict.principles if e["status"] == "ok"]
+    for entry in readable:
+        for order in ("ab", "ba"):
+            assert entry["orders"][order]["reasoning"] and 0.4 <= entry["orders"][order]["p_first"] <= 0.6
+    assert verdict.status == ("ok" if readable else "unparseable")

@@ -1,0 +1,248 @@
+"""The prefs and rm stages on the tiny model: records and their provenance, TRL's preference format, resume
+without relabeling, refusal of bad datasets, the soft-label loss on hand-computed numbers, and a tiny
+end-to-end prefs -> rm whose reward model the RL stage can read."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from cai.errors import CaiError
+from cai.preferences import check_preference_dataset
+from cai.records import read_jsonl
+from cai.stages import prefs, rm, sft, sl
+from tests.fakes import ScriptedLabeler
+
+
+def good_first(text: str) -> float:
+    """Prefers the longer of the two answers shown, with a bias toward (A)."""
+    a = text.rsplit("Response (A): ", 1)[1].split("\n\nResponse (B): ", 1)[0]
+    b = text.rsplit("\n\nResponse (B): ", 1)[1].rsplit("\n\n", 1)[0]
+    return 0.55 + (0.3 if len(a) > len(b) else -0.3 if len(a) < len(b) else 0.0)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tiny_model_dir):
+    """sl (scripted labeler) and sft on the tiny model, once for the module."""
+    from cai.config import load_config
+
+    root = tmp_path_factory.mktemp("prefs-run")
+    overrides = [
+        f"output_dir={root / 'run'}", f"cache_dir={root / 'cache'}", f"policy.model={tiny_model_dir}",
+        f"labeler.model={tiny_model_dir}", "constitution=constitutions/tiny.yaml", "policy.max_new_tokens=8",
+        "labeler.max_new_tokens=8", "data.limit=20", "sft.max_length=128", "sft.batch_size=4", "labeler.cache=false",
+    ]
+    cfg = load_config(None, overrides)
+    original = sl.build_labeler
+    sl.build_labeler = lambda cfg, shared_models=None: ScriptedLabeler()
+    try:
+        sl.run(cfg)
+    finally:
+        sl.build_labeler = original
+    sft.run(cfg)
+    return overrides
+
+
+@pytest.fixture
+def make_cfg(sft_run, tmp_path):
+    """A config over the module's finished sl/sft run, with its own copy of everything after sft."""
+    import shutil
+
+    from cai.config import load_config
+
+    source = Path(dict(o.split("=", 1) for o in sft_run)["output_dir"])
+    target = tmp_path / "run"
+    for stage in ("sl", "sft"):
+        shutil.copytree(source / stage, target / stage)
+
+    def make(*extra: str):
+        return load_config(None, [*sft_run, f"output_dir={target}", "rm.batch_size=4", "rm.epochs=2", "rm.learning_rate=1e-3", *extra])
+
+    return make
+
+
+@pytest.fixture
+def labeler(monkeypatch):
+    fake = ScriptedLabeler(prefer=good_first)
+    monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None: fake)
+    return fake
+
+
+def test_prefs_records_dataset_and_trl_format(make_cfg, labeler):
+    cfg = make_cfg("prefs.samples_per_prompt=3", "prefs.temperature=1.0")
+    out = prefs.run(cfg)
+    samples = read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 6 + 6 and all(len(s["answers"]) == 3 for s in samples)  # 30% of 20 of each kind
+    records = read_jsonl(out / "records.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    skipped = sum(summary["skipped_pairs"].values())
+    assert len(records) + skipped == len(samples) * 3
+    record = records[0]
+    assert record["labeler"] == "scripted:test" and record["status"] == "ok"
+    assert len(record["answers"]) == 2 and len(record["principles"]) == 2  # tiny.yaml has 2 comparisons
+    for entry in record["principles"]:
+        assert set(entry["orders"]) == {"ab", "ba"}
+        assert entry["p_first"] == pytest.approx((entry["orders"]["ab"]["p_first"] + entry["orders"]["ba"]["p_first"]) / 2)
+    assert record["label_prob"] == pytest.approx(sum(e["p_first"] for e in record["principles"]) / 2)
+
+    dataset = datasets.load_from_disk(str(out / "dataset"))
+    assert {"prompt", "chosen", "rejected", "label_prob"} <= set(dataset.column_names)
+    assert len(dataset) == summary["labeled"] == len(records)
+    row = dataset[0]
+    assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
+    assert all(p >= 0.5 for p in dataset["label_prob"])
+    by_id = {r["id"]: r for r in records}
+    source = by_id[row["id"]]
+    first, second = source["answers"]
+    assert row["chosen"][0]["content"] == (first if source["label_prob"] >= 0.5 else second)
+    check_preference_dataset(dataset, "prefs")
+    assert labeler.usage.requests == 2 * 2 * len(records)  # principles x orders per pair
+
+
+def test_dataset_loads_into_reward_and_dpo_trainers(make_cfg, labeler, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+
+    cfg = make_cfg()
+    out = prefs.run(cfg)
+    dataset = datasets.load_from_disk(str(out / "dataset"))
+    sft_dir = str(Path(cfg.output_dir) / "sft")
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    common = dict(output_dir=str(tmp_path / "t"), max_steps=1, per_device_train_batch_size=2, report_to="none", bf16=False)
+    model = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=dataset, processing_class=tokenizer).train()
+    policy = AutoModelForCausalLM.from_pretrained(sft_dir)
+    DPOTrainer(model=policy, args=DPOConfig(**common), train_dataset=dataset, processing_class=tokenizer).train()
+
+
+def test_interrupted_labeling_resumes_without_relabeling(make_cfg, monkeypatch):
+    class Dies(ScriptedLabeler):
+        def choose(self, requests, desc=None):
+            if self.usage.requests >= 2 * 4 * 2:  # two batches of pairs, then "killed"
+                raise KeyboardInterrupt
+            return super().choose(requests, desc)
+
+    cfg = make_cfg("labeler.batch_size=2")
+    monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None: Dies(prefer=good_first))
+    with pytest.raises(KeyboardInterrupt):
+        prefs.run(cfg)
+    out = Path(cfg.output_dir) / "prefs"
+    partial = read_jsonl(out / "records.jsonl")
+    assert len(partial) == 4 and not (out / "DONE").exists()
+    samples_before = (out / "samples.jsonl").read_text()
+
+    second = ScriptedLabeler(prefer=good_first)
+    monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None: second)
+    prefs.run(cfg)
+    final = read_jsonl(out / "records.jsonl")
+    ids = [r["id"] for r in final]
+    assert len(ids) == len(set(ids)) and ids[:4] == [r["id"] for r in partial]
+    assert second.usage.requests == 2 * 2 * (len(final) - 4)  # only the pairs not yet recorded
+    assert (out / "samples.jsonl").read_text() == samples_before  # nothing sampled twice
+
+
+def test_bad_preference_datasets_are_refused_with_the_reason():
+    good = {"prompt": [[{"role": "user", "content": "hi"}]], "chosen": [[{"role": "assistant", "content": "a"}]],
+            "rejected": [[{"role": "assistant", "content": "b"}]], "label_prob": [0.7]}
+    check_preference_dataset(datasets.Dataset.from_dict(good), "d")
+    with pytest.raises(CaiError, match=r"d: the preference dataset has no column 'label_prob'"):
+        check_preference_dataset(datasets.Dataset.from_dict({k: v for k, v in good.items() if k != "label_prob"}), "d")
+    with pytest.raises(CaiError, match=r"no column 'rejected'"):
+        check_preference_dataset(datasets.Dataset.from_dict({k: v for k, v in good.items() if k != "rejected"}), "d")
+    empty = dict(good, rejected=[[{"role": "assistant", "content": "  "}]])
+    with pytest.raises(CaiError, match=r"d: row 0: the 'rejected' answer is empty"):
+        check_preference_dataset(datasets.Dataset.from_dict(empty), "d")
+    with pytest.raises(CaiError, match=r"label_prob must be a probability"):
+        check_preference_dataset(datasets.Dataset.from_dict(dict(good, label_prob=[1.5])), "d")
+    check_preference_dataset(datasets.Dataset.from_dict({k: v for k, v in good.items() if k != "label_prob"}), "d", need_label_prob=False)
+
+
+def test_soft_label_loss_on_hand_computed_numbers():
+    chosen = torch.tensor([1.0, 0.0, 2.0])
+    rejected = torch.tensor([0.0, 1.0, 2.0])  # differences 1, -1, 0
+    labels = torch.tensor([0.8, 0.5, 1.0])
+    log_s1, log_s_1 = math.log(1 / (1 + math.exp(-1))), math.log(1 / (1 + math.exp(1)))
+    expected = (-(0.8 * log_s1 + 0.2 * log_s_1) - (0.5 * log_s_1 + 0.5 * log_s1) + math.log(2)) / 3
+    assert rm.soft_label_loss(chosen, rejected, labels).item() == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(0.6732235, abs=1e-6)
+    # label 1 is TRL's Bradley-Terry loss
+    ones = torch.ones(3)
+    bt = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+    assert rm.soft_label_loss(chosen, rejected, ones).item() == pytest.approx(bt.item(), abs=1e-6)
+
+
+def test_the_trainer_uses_the_soft_label_loss(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    data = datasets.Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": "hi"}]] * 2,
+        "chosen": [[{"role": "assistant", "content": "a good answer"}], [{"role": "assistant", "content": "yes"}]],
+        "rejected": [[{"role": "assistant", "content": "bad"}], [{"role": "assistant", "content": "no, go away"}]],
+        "label_prob": [0.9, 0.6],
+    })
+    args = RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to="none", bf16=False, max_steps=1)
+    trainer = rm.soft_label_trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    assert batch["label_prob"].tolist() == pytest.approx([0.9, 0.6])
+    model.eval()
+    loss = trainer.compute_loss(model, dict(batch))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    expected = rm.soft_label_loss(logits[:2], logits[2:], torch.tensor([0.9, 0.6]))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_end_to_end_prefs_then_rm(make_cfg, labeler):
+    from cai.rewards import RewardModelScorer
+
+    cfg = make_cfg("rm.eval_fraction=0.25")
+    prefs.run(cfg)
+    out = rm.run(cfg)
+    for name in ("config.json", "normalization.json", "metrics.json", "scoring.json", "DONE", "tokenizer_config.json"):
+        assert (out / name).exists(), name
+    assert not (out / "checkpoints").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["loss"] == "soft-label cross-entropy" and metrics["steps"] > 0
+    held = metrics["held_out"]
+    assert held["pairs"] >= 1 and 0.0 <= held["accuracy"] <= 1.0 and held["expected_calibration_error"] is not None
+    norm = json.loads((out / "normalization.json").read_text())
+    assert set(norm) == {"mean", "std"} and norm["std"] > 0
+
+    # the contract with the RL stage: normalised rewards, mean 0 and std 1 on the SFT samples
+    scorer = RewardModelScorer(out, cfg.cache_dir)
+    assert scorer.model.config.num_labels == 1 and scorer.model.config.pad_token_id is not None
+    samples = read_jsonl(Path(cfg.output_dir) / "prefs" / "samples.jsonl")
+    prompts = [s["prompt"] for s in samples for a in s["answers"] if a.strip()]
+    answers = [a for s in samples for a in s["answers"] if a.strip()]
+    scores = scorer(prompts, answers)
+    assert sum(scores) / len(scores) == pytest.approx(0.0, abs=1e-3)
+    assert (sum(s * s for s in scores) / len(scores)) ** 0.5 == pytest.approx(1.0, abs=1e-3)
+
+    # training moved the weights away from the SFT model's
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(Path(cfg.output_dir) / "sft")
+    trained = scorer.model.model.embed_tokens.weight
+    assert not torch.allclose(base.model.embed_tokens.weight, trained)
+
+    # rm refuses a broken dataset in one line, before writing anything
+    broken = datasets.load_from_disk(str(Path(cfg.output_dir) / "prefs" / "dataset")).remove_columns("label_prob")
+    broken.save_to_disk(str(Path(cfg.output_dir) / "prefs" / "dataset2"))
+    import shutil
+
+    shutil.rmtree(Path(cfg.output_dir) / "prefs" / "dataset")
+    (Path(cfg.output_dir) / "prefs" / "dataset2").rename(Path(cfg.output_dir) / "prefs" / "dataset")
+    with pytest.raises(CaiError, match="no column 'label_prob'"):
+        rm.run(make_cfg("rm.eval_fraction=0.25", "rm.epochs=1"))
+    rm.run(make_cfg("rm.eval_fraction=0.25", "rm.hard_labels=true", "rm.epochs=1"))  # hard labels need no label_prob
+    assert json.loads((out / "metrics.json").read_text())["loss"] == "hard Bradley-Terry"

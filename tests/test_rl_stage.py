@@ -1,0 +1,438 @@
+"""The rl stage on tiny models.
+
+PPO raises a scripted reward with the measured KL near its target (adaptive controller on and off); a
+run killed with SIGKILL resumes from its last checkpoint and ends exactly where an uninterrupted run
+ends; with LoRA the reference is the policy with its adapter disabled; the value model starts from the
+reward model; DPO, GRPO and RLOO run; bad inputs fail in one line before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cai.config import load_config, to_yaml
+from cai.errors import CaiError
+from cai.records import mark_done, read_jsonl
+from cai.stages import rl
+from cai.stages.rl_models import build_models
+from tests.conftest import ROOT
+
+# --------------------------------------------------------------------------------------------------
+# Scripted rewards, named in configs as tests.test_rl_stage:<function>
+
+
+def letter_e_reward(prompts: list[str], answers: list[str]) -> list[float]:
+    """10 x the share of the answer's characters that are the letter 'e': dense, and easy to hack."""
+    return [10.0 * answer.count("e") / max(len(answer), 1) for answer in answers]
+
+
+def slow_letter_e_reward(prompts: list[str], answers: list[str]) -> list[float]:
+    time.sleep(0.3)  # so that a kill lands in the middle of the run
+    return letter_e_reward(prompts, answers)
+
+
+def prompt_parity_reward(prompts: list[str], answers: list[str]) -> list[float]:
+    """Depends on the prompt only: a value model can predict it exactly."""
+    return [2.0 * (len(p) % 2) for p in prompts]
+
+
+def wrong_count_reward(prompts: list[str], answers: list[str]) -> list[float]:
+    return [0.0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run several times faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def rl_config(tiny_config, tiny_model_dir):
+    """tiny_config with sft/ in place (the tiny model) and a scripted reward."""
+
+    def make(*overrides: str):
+        cfg = tiny_config("rl.reward=tests.test_rl_stage:letter_e_reward", *overrides)
+        sft_dir = Path(cfg.output_dir) / "sft"
+        if not (sft_dir / "DONE").exists():
+            shutil.copytree(tiny_model_dir, sft_dir)
+            mark_done(sft_dir, "test")
+        return cfg
+
+    return make
+
+
+def save_tiny_reward_model(folder: Path, mean: float = 0.5, std: float = 2.0, extra_token: bool = False) -> Path:
+    """A random tiny reward model in the rm/ layout: seq-classification (1 label), tokenizer,
+    normalization.json, DONE. `extra_token` gives it a tokenizer that differs from the policy's."""
+    from transformers import LlamaForSequenceClassification
+
+    from tests.tiny import make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    if extra_token:
+        tokenizer.add_tokens(["<|extra|>"])
+    config = make_tiny_model(tokenizer, seed=1).config
+    config.num_labels = 1
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "normalization.json").write_text(json.dumps({"mean": mean, "std": std}))
+    mark_done(folder, "test")
+    return folder
+
+
+def metrics(cfg) -> list[dict]:
+    return read_jsonl(Path(cfg.output_dir) / "rl" / "metrics.jsonl")
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+# --------------------------------------------------------------------------------------------------
+# It learns
+
+
+LEARNING = ("rl.steps=50", "rl.batch_size=16", "rl.minibatch_size=8", "rl.ppo_epochs=4", "rl.learning_rate=1e-3",
+            "rl.samples=0")
+
+
+def reward_and_kl(history: list[dict]) -> tuple[float, float, float]:
+    """(mean reward of the first 5 steps, of the last 10, mean KL of the last 10)."""
+    first = statistics.mean(m["reward_mean"] for m in history[:5])
+    last = statistics.mean(m["reward_mean"] for m in history[-10:])
+    return first, last, statistics.mean(m["kl"] for m in history[-10:])
+
+
+def test_ppo_raises_the_reward_with_the_kl_near_its_target_adaptive(rl_config, capsys):
+    cfg = rl_config(*LEARNING, "rl.adaptive_kl=true", "rl.kl_coef=0.3", "rl.target_kl=4", "rl.kl_horizon=64")
+    rl.run(cfg)
+    history = metrics(cfg)
+    first, last, kl = reward_and_kl(history)
+    print(f"adaptive: reward {first:.2f} -> {last:.2f}, KL(last 10) {kl:.2f} vs target 4, "
+          f"beta {history[0]['kl_coef']:.3f} -> {history[-1]['kl_coef']:.3f}", file=sys.stderr)
+    assert last > first + 0.5
+    assert 2.0 <= kl <= 8.0
+    assert history[-1]["kl_coef"] != pytest.approx(0.3)  # the controller moved beta
+    out = capsys.readouterr().out
+    assert "[rl] reward trajectory:" in out and "[rl] KL trajectory:" in out
+
+
+def test_ppo_raises_the_reward_with_a_fixed_kl_coefficient(rl_config):
+    cfg = rl_config(*LEARNING, "rl.adaptive_kl=false", "rl.kl_coef=0.1")
+    rl.run(cfg)
+    history = metrics(cfg)
+    first, last, kl = reward_and_kl(history)
+    print(f"fixed: reward {first:.2f} -> {last:.2f}, KL(last 10) {kl:.2f}", file=sys.stderr)
+    assert last > first + 0.5
+    assert kl <= 8.0
+    assert {m["kl_coef"] for m in history} == {0.1}
+
+
+def test_value_model_learns_a_predictable_reward(rl_config):
+    cfg = rl_config("rl.reward=tests.test_rl_stage:prompt_parity_reward", "rl.steps=15", "rl.batch_size=16",
+                    "rl.minibatch_size=8", "rl.ppo_epochs=4", "rl.learning_rate=1e-3", "rl.samples=0")
+    rl.run(cfg)
+    history = metrics(cfg)
+    assert history[0]["explained_variance"] < 0.2 and history[-1]["explained_variance"] > 0.9
+    assert history[-1]["value_loss"] < 0.1 * history[0]["value_loss"]
+
+
+# --------------------------------------------------------------------------------------------------
+# What every step logs; what the stage leaves
+
+
+def test_a_run_logs_every_metric_warns_and_saves_the_policy(rl_config, tiny_model_dir, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(rl, "is_refusal", lambda answer: True)  # every helpful answer "refuses"
+    cfg = rl_config("rl.steps=2", "rl.batch_size=4", "rl.minibatch_size=2", "rl.grad_accum=2",
+                    "rl.learning_rate=1e-2", "rl.max_refusal_rate=0.5", "rl.samples=3", "rl.unfinished_score=-1")
+    out = rl.run(cfg)
+    history = metrics(cfg)
+    assert [m["step"] for m in history] == [1, 2]
+    for key in ("reward_mean", "reward_std", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss",
+                "explained_variance", "answer_length", "length_reward_corr", "distinct_2", "refusal_rate_helpful"):
+        assert all(isinstance(m[key], float) for m in history), key
+    assert history[0]["kl"] == 0.0  # the policy is the reference until the first update
+    # No tiny-model answer ends within 8 tokens: each gets rl.unfinished_score.
+    assert all(m["ended_frac"] == 0.0 and m["reward_mean"] == -1.0 for m in history)
+    assert all(m["refusal_rate_helpful"] == 1.0 and m["warnings"] for m in history)
+    assert "[rl] warning: step 1: refusal rate on helpful prompts = 1.00 > rl.max_refusal_rate 0.5" in capsys.readouterr().out
+    assert (out / "DONE").exists() and not (out / "checkpoints").exists()
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["processes"] == 1 and len(summary["reward_trajectory"]) == 2
+    samples = read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 3 and all(isinstance(s["reward"], float) for s in samples)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert rl.run(cfg) == out and "already complete" in capsys.readouterr().out
+
+
+def test_monitors_and_refusal_heuristic():
+    assert rl.is_refusal("I'm sorry, but I can\u2019t help with that.")
+    assert rl.is_refusal("As an AI, I cannot do this")
+    assert not rl.is_refusal("Sure! Mix flour, water and yeast.")
+    cfg = load_config(None, ["rl.max_length_corr=0.5", "rl.min_distinct_2=0.3", "rl.max_refusal_rate=0.2"])
+    calm = {"length_reward_corr": 0.1, "distinct_2": 0.9, "refusal_rate_helpful": 0.0}
+    assert rl.monitor_warnings(cfg, calm) == []
+    hacked = {"length_reward_corr": 0.8, "distinct_2": 0.1, "refusal_rate_helpful": 0.5}
+    assert len(rl.monitor_warnings(cfg, hacked)) == 3
+
+
+def test_batches_cover_every_prompt_and_do_not_depend_on_where_a_run_resumed():
+    prompts = list(range(10))
+    batches = [rl.batch_for_step(prompts, step, 5, seed=0) for step in range(4)]
+    assert sorted(batches[0] + batches[1]) == prompts and sorted(batches[2] + batches[3]) == prompts
+    assert batches[0] + batches[1] != batches[2] + batches[3]  # reshuffled on every pass
+    assert rl.batch_for_step(prompts, 3, 5, seed=0) == batches[3]
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: dropout, LoRA reference, value from the reward model
+
+
+def test_every_model_has_dropout_off(rl_config):
+    cfg = rl_config()
+    sft_dir = Path(cfg.output_dir) / "sft"
+    model, reference = build_models(cfg, sft_dir, None, "cpu")
+    for m in (model, reference):
+        assert not any(isinstance(x, torch.nn.Dropout) and x.p > 0 for x in m.modules())
+        assert not any(x.training for x in m.modules())
+    assert model.policy.config.attention_dropout == 0.0
+
+
+def test_lora_reference_is_the_policy_with_its_adapter_disabled(rl_config):
+    from transformers import AutoModelForCausalLM
+
+    cfg = rl_config("rl.lora=true", "rl.lora_r=4")
+    sft_dir = Path(cfg.output_dir) / "sft"
+    model, reference = build_models(cfg, sft_dir, None, "cpu")
+    sft = AutoModelForCausalLM.from_pretrained(sft_dir).eval()
+    assert reference is None  # one copy of the weights: base + two small adapters + a value head
+    assert sum(p.numel() for p in model.parameters()) < 1.3 * sum(p.numel() for p in sft.parameters())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # move the policy (and the value adapter) away from the SFT model
+        model.value_head.weight.normal_()
+        ids = torch.randint(3, 500, (2, 12))
+        mask = torch.ones_like(ids)
+        logits, values = model(ids, mask, 5)
+        ref_logits = model.reference_logits(None, ids, mask, 5)
+        expected = sft(input_ids=ids, attention_mask=mask).logits[:, -6:-1]
+    assert logits.shape == ref_logits.shape == expected.shape and values.shape == (2, 5)
+    torch.testing.assert_close(ref_logits, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits, expected, atol=1e-2)
+    # Both adapters and the value head train; the base does not.
+    logits, values = model(ids, mask, 5)
+    (logits.float().mean() + values.mean()).backward()
+    grads = {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
+    assert any(".default." in n for n in grads) and any(".value." in n for n in grads) and "value_head.weight" in grads
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n or "value_head" in n)
+    assert all("lora_" in n or "value_head" in n for n in grads)
+
+
+def test_lora_run_saves_the_merged_policy_and_the_adapter(rl_config, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = rl_config("rl.lora=true", "rl.lora_r=4", "rl.steps=2", "rl.batch_size=4", "rl.minibatch_size=2",
+                    "rl.learning_rate=1e-2", "rl.samples=0")
+    out = rl.run(cfg)
+    assert (out / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in merged.state_dict().items())
+
+
+def test_value_model_starts_from_the_reward_model_with_normalised_scores(rl_config, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = rl_config()
+    rm_dir = save_tiny_reward_model(Path(cfg.output_dir) / "rm", mean=0.5, std=2.0)
+    model, _ = build_models(cfg, Path(cfg.output_dir) / "sft", rm_dir, "cpu")
+    assert "value model initialised from rm/" in capsys.readouterr().out
+    rm_model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    ids = torch.randint(3, 500, (2, 10))
+    with torch.no_grad():
+        raw = rm_model(input_ids=ids).logits[:, 0]
+        # The value of the state after the whole sequence: append any token and read the value before it.
+        _, values = model(torch.cat([ids, ids[:, :1]], dim=1), torch.ones(2, 11, dtype=torch.long), 1)
+    torch.testing.assert_close(values[:, 0], (raw - 0.5) / 2.0, rtol=1e-4, atol=1e-4)
+
+
+def test_a_reward_model_with_another_tokenizer_is_read_as_text(rl_config, capsys):
+    cfg = rl_config()
+    rm_dir = save_tiny_reward_model(Path(cfg.output_dir) / "rm", extra_token=True)
+    model, _ = build_models(cfg, Path(cfg.output_dir) / "sft", rm_dir, "cpu")
+    assert "rm/ has another tokenizer" in capsys.readouterr().out
+    assert torch.count_nonzero(model.value_head.weight) == 0  # a fresh value head on the SFT model
+
+
+def test_ppo_with_the_reward_model_as_reward(rl_config, capsys):
+    cfg = rl_config("rl.reward=rm", "rl.steps=2", "rl.batch_size=4", "rl.minibatch_size=2", "rl.samples=2")
+    save_tiny_reward_model(Path(cfg.output_dir) / "rm")
+    out = rl.run(cfg)
+    assert "value model initialised from rm/" in capsys.readouterr().out
+    assert len(metrics(cfg)) == 2 and (out / "DONE").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume after SIGKILL
+
+
+def test_a_run_killed_with_sigkill_resumes_and_ends_like_an_uninterrupted_one(rl_config, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    common = ("rl.steps=6", "rl.batch_size=4", "rl.minibatch_size=2", "rl.checkpoint_every=2",
+              "rl.learning_rate=1e-2", "rl.kl_horizon=10", "rl.samples=0")
+    reference_cfg = rl_config(*common, f"output_dir={tmp_path / 'reference'}")
+    rl.run(reference_cfg)
+
+    cfg = rl_config(*common, "rl.reward=tests.test_rl_stage:slow_letter_e_reward")
+    config_file = tmp_path / "rl.yaml"
+    config_file.write_text(to_yaml(cfg))
+    run_dir = Path(cfg.output_dir) / "rl"
+    process = subprocess.Popen([sys.executable, "-m", "cai", "rl", str(config_file)], cwd=ROOT, env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "step-4").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "DONE").exists()
+
+    rl.run(load_config(config_file))
+    assert "resumed from step-4: step 4" in capsys.readouterr().out
+    resumed, expected = metrics(cfg), metrics(reference_cfg)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    for key in ("reward_mean", "kl", "kl_coef", "value_loss"):
+        assert [m[key] for m in resumed] == pytest.approx([m[key] for m in expected], rel=1e-5, abs=1e-6), key
+    weights = load_file(run_dir / "model.safetensors")
+    for name, tensor in load_file(Path(reference_cfg.output_dir) / "rl" / "model.safetensors").items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# DPO, GRPO, RLOO
+
+
+def save_preferences(cfg, label_probs: list[float]) -> None:
+    import datasets
+
+    from cai.records import save_dataset
+
+    folder = Path(cfg.output_dir) / "prefs"
+    n = len(label_probs)
+    save_dataset(datasets.Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": f"How do I bake bread? ({i})"}] for i in range(n)],
+        "chosen": [[{"role": "assistant", "content": "Mix flour, water, salt and yeast, then bake it."}]] * n,
+        "rejected": [[{"role": "assistant", "content": "I am sorry, but I cannot help with that."}]] * n,
+        "label_prob": label_probs,
+    }), folder / "dataset")
+    mark_done(folder, "test")
+
+
+def test_dpo_uses_label_prob_as_filter_and_label_smoothing(rl_config, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = rl_config("rl.algorithm=dpo", "rl.steps=2", "rl.batch_size=2", "rl.learning_rate=1e-2",
+                    "rl.dpo_min_label_prob=0.65", "rl.samples=2")
+    save_preferences(cfg, [0.9, 0.8, 0.3, 0.6] * 2)  # 0.3 is flipped to 0.7; 0.6 is dropped
+    out = rl.run(cfg)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["pairs"] == 6 and summary["label_smoothing"] == pytest.approx(0.2)
+    assert summary["steps"] == 2 and len(read_jsonl(out / "samples.jsonl")) == 2
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_grpo_and_rloo_train_on_the_reward_with_a_kl_penalty(rl_config, algorithm):
+    cfg = rl_config(f"rl.algorithm={algorithm}", "rl.steps=2", "rl.batch_size=4", "rl.group_size=2",
+                    "rl.ppo_epochs=1", "rl.learning_rate=1e-2", "rl.kl_coef=0.1", "rl.samples=2")
+    out = rl.run(cfg)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["algorithm"] == algorithm and summary["steps"] == 2
+    assert all("reward" in entry for entry in summary["log"])
+    assert any(entry.get("kl", 0.0) > 0 for entry in summary["log"])  # the reference is in the loss
+    assert all(isinstance(s["reward"], float) for s in read_jsonl(out / "samples.jsonl"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one line, nothing written
+
+
+def test_a_missing_rm_names_the_stage_that_makes_it(rl_config):
+    cfg = rl_config("rl.reward=rm")
+    with pytest.raises(CaiError, match=r"rm stage .*run `cai rm CONFIG` first"):
+        rl.run(cfg)
+    assert not (Path(cfg.output_dir) / "rl").exists()
+
+
+def test_a_missing_sft_names_the_stage_that_makes_it(tiny_config):
+    with pytest.raises(CaiError, match="sft stage"):
+        rl.run(tiny_config())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("rl.batch_size=6", "rl.minibatch_size=4"), r"rl.batch_size \(6\) must be a multiple of rl.minibatch_size \(4\)"),
+        (("rl.minibatch_size=4", "rl.grad_accum=3"), r"rl.minibatch_size \(4\) must be a multiple of rl.grad_accum \(3\)"),
+        (("rl.algorithm=grpo", "rl.batch_size=6", "rl.group_size=4"), r"rl.batch_size \(6\) must be a multiple of rl.group_size \(4\)"),
+        (("rl.reward=nonsense",), "use rm, direct, or module.path:function"),
+        (("rl.reward=tests.test_rl_stage:no_such_function",), "cannot import it"),
+    ],
+)
+def test_bad_configs_say_which_key(rl_config, overrides, message):
+    cfg = rl_config(*overrides)
+    with pytest.raises(CaiError, match=message):
+        rl.run(cfg)
+    assert not (Path(cfg.output_dir) / "rl").exists()
+
+
+def test_a_reward_that_returns_the_wrong_number_of_scores_is_refused(rl_config):
+    cfg = rl_config("rl.reward=tests.test_rl_stage:wrong_count_reward", "rl.batch_size=4", "rl.minibatch_size=2")
+    with pytest.raises(CaiError, match="returned 1 scores for 4 answers"):
+        rl.run(cfg)
+
+
+def test_a_tokenizer_that_pads_with_eos_is_refused(rl_config, monkeypatch):
+    import cai.models
+
+    real = cai.models.load_tokenizer
+
+    def pads_with_eos(name, cache_dir):
+        tokenizer = real(name, cache_dir)
+        tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    monkeypatch.setattr(cai.models, "load_tokenizer", pads_with_eos)
+    cfg = rl_config()
+    with pytest.raises(CaiError, match="pad token distinct from EOS"):
+        rl.run(cfg)
