@@ -70,7 +70,6 @@ def load_run(run_dir: str | Path) -> dict:
         "samples": read_jsonl(eval_dir / "samples.jsonl"),
         "examples": read_jsonl(eval_dir / "examples.jsonl"),
         "rl_rows": read_jsonl(run_dir / "rl" / "metrics.jsonl"),
-        "rl_summary": json.loads((run_dir / "rl" / "metrics.json").read_text()) if (run_dir / "rl" / "metrics.json").is_file() else {},
         "audit_items": audit_items,
         "config_text": config_text,
         "config": config if isinstance(config, dict) else {},
@@ -425,7 +424,7 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
-    """The report as a list of sections: title, paragraphs, plot name, table, text columns, notes."""
+    """The report as a list of sections: title, paragraphs, plot name, tables (head, rows), text columns."""
     m = data["metrics"]
     prompts = m.get("prompts", {})
     sets = ", ".join(f"{n} from {s}" for s, n in prompts.get("sets", {}).items())
@@ -453,7 +452,7 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
                "reference and the coefficient β that holds it near its target, and the answer length."]
     if not plots.get("rl_curves"):
         rl_text = [f"No RL training curves: {data['run_dir'] / 'rl' / 'metrics.jsonl'} is missing or has no reward "
-                   f"(rl.algorithm={data['rl_summary'].get('algorithm', 'unknown')} logs elsewhere)."]
+                   f"(rl.algorithm={(data['config'].get('rl') or {}).get('algorithm', 'unknown')} logs elsewhere)."]
     out.append({"title": "RL training", "plot": "rl_curves", "text": rl_text})
     reward_text = ["The reward model's scores of each model's answers to the held-out prompts: the distribution before "
                    "(initial, SL-CAI) and after RL. A shift to the right is what RL optimised; check it against the "
@@ -524,7 +523,8 @@ def render_markdown(data: dict, plots: dict[str, bytes | None]) -> str:
     lines = ["# Constitutional AI run report", "",
              f"`{data['run_dir']}` · constitution **{data['constitution'].get('name', '?')}** · judge `{m.get('labeler')}`", ""]
     lines += [f"- **{i['title']}: {i['value']}** ({i['detail']})" for i in headline_items(m)]
-    lines += [""] + [f"> {c}" for c in caveats(data)]
+    for caveat in caveats(data):
+        lines += ["", f"> {caveat}"]
     for section in sections(data, plots):
         lines += ["", f"## {section['title']}", ""] + section.get("text", [])
         if plots.get(section.get("plot") or ""):

@@ -255,3 +255,21 @@ def test_a_missing_stage_output_names_the_stage(tmp_path, models, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "the rl stage" in err[0] and "cai rl CONFIG" in err[0]
     assert not (tmp_path / "run" / "eval").exists()
+
+
+def test_headlines_fall_back_to_what_was_measured():
+    from cai.report import headlines
+
+    overall = {"n": 10, "win_rate": 0.7, "ci": [0.4, 0.9], "soft_win_rate": 0.6}
+    metrics = {
+        "labeler": "scripted:test",
+        "win_rates": {"sft vs initial": {"model": "sft", "opponent": "initial", "overall": overall}},
+        "harmlessness": {}, "over_refusal": {"initial": {"mean": 0.1, "n": 5}, "sft": {"mean": 0.3, "n": 5}},
+        "reward": {"initial": {"mean": -0.2}, "sft": {"mean": 0.4}},
+    }
+    lines = headlines(metrics)
+    assert len(lines) == 3
+    assert lines[0].startswith("Win rate, SL-CAI vs initial model: 70% ([40%, 90%] over 10 held-out prompts (soft win rate 60%)")
+    assert lines[1].startswith("Over-refusal on helpful prompts: 10% → 30% (initial model, SL-CAI;")
+    assert lines[2] == "Reward-model score: -0.20 → +0.40 (initial model, SL-CAI; mean, normalised)"
+    assert headlines({"win_rates": {}}) == []

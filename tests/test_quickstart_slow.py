@@ -17,14 +17,20 @@ pytestmark = pytest.mark.slow
 
 def test_quickstart_pipeline_on_the_embedded_default(tmp_path):
     out = tmp_path / "run"
-    overrides = [f"output_dir={out}", "data.limit=10", "policy.max_new_tokens=24", "labeler.max_new_tokens=24", "sft.epochs=1"]
+    overrides = [
+        f"output_dir={out}", "data.limit=10", "policy.max_new_tokens=24", "labeler.max_new_tokens=24", "sft.epochs=1",
+        "prefs.principles_per_pair=2", "rl.steps=2", "rl.batch_size=4", "rl.minibatch_size=2", "rl.samples=2",
+        "eval.limit=2", "eval.bootstrap=100", "eval.audit_pairs=4", "eval.examples=2",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "cai", "run", "configs/quickstart.yaml", *overrides],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[sl] done" in result.stdout and "[sft] done" in result.stdout
+    for stage in ("sl", "sft", "prefs", "rm", "rl", "eval"):
+        assert f"[{stage}] done" in result.stdout, stage
+    assert (out / "eval" / "report.html").exists()
     records = read_jsonl(out / "sl" / "records.jsonl")
     red = [r for r in records if r["kind"] == "red_team"]
     assert red and all(len(r["rounds"]) == 1 and r["rounds"][0]["critique"] for r in red)
@@ -36,4 +42,4 @@ def test_quickstart_pipeline_on_the_embedded_default(tmp_path):
         [sys.executable, "-m", "cai", "run", "configs/quickstart.yaml", *overrides],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
-    assert again.returncode == 0 and again.stdout.count("skipping") >= 2
+    assert again.returncode == 0 and again.stdout.count("skipping") == 6

@@ -32,18 +32,18 @@ import hashlib
 import json
 from pathlib import Path
 
+from cai import winrates
 from cai.config import Config
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.labelers import ChoiceRequest, GenerateRequest, build_labeler
 from cai.labelers.local import LocalGenerator
 from cai.labelers.parsing import is_refusal
-from cai.preferences import ANSWER_PREFIX, OPTIONS, PairItem, JudgeSettings, draw_comparisons, first_answer_prob, judge_pairs
+from cai.preferences import ANSWER_PREFIX, OPTIONS, JudgeSettings, PairItem, draw_comparisons, first_answer_prob, judge_pairs
 from cai.promptsets import Prompt, prompt_id, split_prompts
 from cai.records import DONE, JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from cai.stages import open_stage, require_done, stage_dir
 from cai.templates import Templates
-from cai import winrates
 
 # The comparisons, newest model first: the label is P(newer model's answer is better).
 PAIRS = (("rl", "initial"), ("rl", "sft"), ("sft", "initial"))

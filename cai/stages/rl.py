@@ -59,7 +59,7 @@ from cai.rl import (
     truncate_after_eos,
     value_loss,
 )
-from cai.stages import Stage, open_stage, require_done
+from cai.stages import Stage, open_stage, require_done, stage_dir
 from cai.stages.rl_models import RewardFn, build_models, check_reward, load_reward_fn, score
 
 # Openings that mark a refusal; the monitor counts them on helpful prompts (over-refusal is the usual
@@ -315,7 +315,7 @@ def run(cfg: Config) -> Path:
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         log_with=None if cfg.rl.log_with == "none" else cfg.rl.log_with,
-        project_dir=str(Path(cfg.output_dir) / "rl"),
+        project_dir=str(stage_dir(cfg, "rl")),
     )
     prompts = rl_prompts(cfg, tokenizer)
 
