@@ -145,7 +145,7 @@ class PrefsConfig(Section):
     include_red_team: bool = Field(True, description="Label pairs for the red-team prompts of the prefs split.")
     include_helpful: bool = Field(True, description="Label pairs for the helpful prompts of the prefs split.")
     principles_per_pair: int = Field(
-        4, ge=1, description="Comparison principles drawn per pair (M, seeded); the soft label is their mean."
+        4, ge=1, description="Comparison principles drawn per pair (M, seeded, no repeats, at most all of them); the label is their mean."
     )
     few_shot: bool = Field(True, description="Show the constitution's comparison examples to the labeler.")
     chain_of_thought: bool = Field(

@@ -35,7 +35,7 @@ def sft_run(tmp_path_factory, tiny_model_dir):
     overrides = [
         f"output_dir={root / 'run'}", f"cache_dir={root / 'cache'}", f"policy.model={tiny_model_dir}",
         f"labeler.model={tiny_model_dir}", "constitution=constitutions/tiny.yaml", "policy.max_new_tokens=8",
-        "labeler.max_new_tokens=8", "data.limit=20", "sft.max_length=128", "sft.batch_size=4", "labeler.cache=false",
+        "labeler.max_new_tokens=8", "data.limit=10", "sft.max_length=128", "sft.batch_size=4", "labeler.cache=false",
     ]
     cfg = load_config(None, overrides)
     original = sl.build_labeler
@@ -48,36 +48,50 @@ def sft_run(tmp_path_factory, tiny_model_dir):
     return overrides
 
 
-@pytest.fixture
-def make_cfg(sft_run, tmp_path):
-    """A config over the module's finished sl/sft run, with its own copy of everything after sft."""
+def copy_run(overrides: list[str], target: Path, stages: tuple[str, ...]):
+    """A config factory over a copy of the finished `stages` of the run that `overrides` describe."""
     import shutil
 
     from cai.config import load_config
 
-    source = Path(dict(o.split("=", 1) for o in sft_run)["output_dir"])
-    target = tmp_path / "run"
-    for stage in ("sl", "sft"):
+    source = Path(dict(o.split("=", 1) for o in overrides)["output_dir"])
+    for stage in stages:
         shutil.copytree(source / stage, target / stage)
 
     def make(*extra: str):
-        return load_config(None, [*sft_run, f"output_dir={target}", "rm.batch_size=4", "rm.epochs=2", "rm.learning_rate=1e-3", *extra])
+        return load_config(None, [*overrides, f"output_dir={target}", "rm.batch_size=4", "rm.epochs=2", "rm.learning_rate=1e-3", *extra])
 
     return make
 
 
 @pytest.fixture
-def labeler(monkeypatch):
+def make_cfg(sft_run, tmp_path):
+    """A config over a copy of the module's finished sl/sft run."""
+    return copy_run(sft_run, tmp_path / "run", ("sl", "sft"))
+
+
+@pytest.fixture(scope="module")
+def prefs_run(sft_run, tmp_path_factory):
+    """One prefs run (K = 3, scripted labeler) shared by the tests that only read it:
+    (config, labeler, overrides that rebuild the config)."""
+    target = tmp_path_factory.mktemp("prefs") / "run"
+    make = copy_run(sft_run, target, ("sl", "sft"))
+    cfg = make("prefs.samples_per_prompt=3")
     fake = ScriptedLabeler(prefer=good_first)
-    monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None: fake)
-    return fake
+    original = prefs.build_labeler
+    prefs.build_labeler = lambda cfg, shared_models=None: fake
+    try:
+        prefs.run(cfg)
+    finally:
+        prefs.build_labeler = original
+    return cfg, fake, [*sft_run, f"output_dir={target}", "prefs.samples_per_prompt=3"]
 
 
-def test_prefs_records_dataset_and_trl_format(make_cfg, labeler):
-    cfg = make_cfg("prefs.samples_per_prompt=3", "prefs.temperature=1.0")
-    out = prefs.run(cfg)
+def test_prefs_records_dataset_and_trl_format(prefs_run):
+    cfg, labeler, _ = prefs_run
+    out = Path(cfg.output_dir) / "prefs"
     samples = read_jsonl(out / "samples.jsonl")
-    assert len(samples) == 6 + 6 and all(len(s["answers"]) == 3 for s in samples)  # 30% of 20 of each kind
+    assert len(samples) == 3 + 3 and all(len(s["answers"]) == 3 for s in samples)  # 30% of 10 of each kind
     records = read_jsonl(out / "records.jsonl")
     summary = json.loads((out / "summary.json").read_text())
     skipped = sum(summary["skipped_pairs"].values())
@@ -104,12 +118,12 @@ def test_prefs_records_dataset_and_trl_format(make_cfg, labeler):
     assert labeler.usage.requests == 2 * 2 * len(records)  # principles x orders per pair
 
 
-def test_dataset_loads_into_reward_and_dpo_trainers(make_cfg, labeler, tmp_path):
+def test_dataset_loads_into_reward_and_dpo_trainers(prefs_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
-    cfg = make_cfg()
-    out = prefs.run(cfg)
+    cfg, _, _ = prefs_run
+    out = Path(cfg.output_dir) / "prefs"
     dataset = datasets.load_from_disk(str(out / "dataset"))
     sft_dir = str(Path(cfg.output_dir) / "sft")
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
@@ -202,11 +216,11 @@ def test_the_trainer_uses_the_soft_label_loss(tiny_model_dir, tmp_path):
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
-def test_end_to_end_prefs_then_rm(make_cfg, labeler):
+def test_end_to_end_prefs_then_rm(prefs_run, tmp_path):
     from cai.rewards import RewardModelScorer
 
+    make_cfg = copy_run(prefs_run[2], tmp_path / "run", ("sl", "sft", "prefs"))
     cfg = make_cfg("rm.eval_fraction=0.25")
-    prefs.run(cfg)
     out = rm.run(cfg)
     for name in ("config.json", "normalization.json", "metrics.json", "scoring.json", "DONE", "tokenizer_config.json"):
         assert (out / name).exists(), name

@@ -129,8 +129,9 @@ def test_ppo_raises_the_reward_with_the_kl_near_its_target_adaptive(rl_config, c
     rl.run(cfg)
     history = metrics(cfg)
     first, last, kl = reward_and_kl(history)
-    print(f"adaptive: reward {first:.2f} -> {last:.2f}, KL(last 10) {kl:.2f} vs target 4, "
-          f"beta {history[0]['kl_coef']:.3f} -> {history[-1]['kl_coef']:.3f}", file=sys.stderr)
+    with capsys.disabled():
+        print(f"adaptive: reward {first:.2f} -> {last:.2f}, KL(last 10) {kl:.2f} vs target 4, "
+              f"beta {history[0]['kl_coef']:.3f} -> {history[-1]['kl_coef']:.3f}", file=sys.stderr)
     assert last > first + 0.5
     assert 2.0 <= kl <= 8.0
     assert history[-1]["kl_coef"] != pytest.approx(0.3)  # the controller moved beta
@@ -174,7 +175,7 @@ def test_a_run_logs_every_metric_warns_and_saves_the_policy(rl_config, tiny_mode
     for key in ("reward_mean", "reward_std", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss",
                 "explained_variance", "answer_length", "length_reward_corr", "distinct_2", "refusal_rate_helpful"):
         assert all(isinstance(m[key], float) for m in history), key
-    assert history[0]["kl"] == 0.0  # the policy is the reference until the first update
+    assert abs(history[0]["kl"]) < 1e-4  # the policy is the reference until the first update
     # No tiny-model answer ends within 8 tokens: each gets rl.unfinished_score.
     assert all(m["ended_frac"] == 0.0 and m["reward_mean"] == -1.0 for m in history)
     assert all(m["refusal_rate_helpful"] == 1.0 and m["warnings"] for m in history)
@@ -188,6 +189,33 @@ def test_a_run_logs_every_metric_warns_and_saves_the_policy(rl_config, tiny_mode
     after = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert rl.run(cfg) == out and "already complete" in capsys.readouterr().out
+
+
+def test_sampled_log_probs_are_those_of_a_forward_pass_at_the_temperature(rl_config):
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    from cai.rl import logprobs_from_logits, truncate_after_eos
+    from cai.stages.rl_models import positions
+
+    cfg = rl_config()
+    model, _ = build_models(cfg, Path(cfg.output_dir) / "sft", None, "cpu")
+    tokenizer = __import__("cai.models", fromlist=["load_tokenizer"]).load_tokenizer(str(Path(cfg.output_dir) / "sft"), cfg.cache_dir)
+    query = tokenizer(["How do I bake bread?", "Hi"], return_tensors="pt", padding=True)
+    sampler = rl.SampledLogprobs(temperature=0.7)
+    generation = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=10,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        output = model.policy.generate(**query, generation_config=generation, logits_processor=LogitsProcessorList([sampler]))
+        responses = output[:, query.input_ids.shape[1]:]
+        sampled, entropy = sampler.finish(responses[:, -1])
+        responses, mask, _ = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        attention = torch.cat([query.attention_mask, mask.long()], dim=1)
+        ids = torch.cat([query.input_ids, responses], dim=1)
+        logits = model.policy(input_ids=ids, attention_mask=attention, position_ids=positions(attention)).logits
+        logits = logits[:, query.input_ids.shape[1] - 1 : -1]
+    assert sampled.shape == entropy.shape == responses.shape
+    torch.testing.assert_close(sampled[mask], logprobs_from_logits(logits, responses, 0.7)[mask], rtol=0, atol=1e-5)
+    assert not torch.allclose(sampled[mask], logprobs_from_logits(logits, responses, 1.0)[mask], atol=1e-3)
 
 
 def test_monitors_and_refusal_heuristic():

@@ -72,6 +72,7 @@ def run(cfg: Config) -> Path:
     if not constitution.comparisons:
         raise CaiError(f"{cfg.constitution}: the constitution has no comparison principles; the prefs stage needs at least one")
     templates = Templates(cfg.templates)
+    # Render every template the stage uses once, so that a broken one fails here, not mid-run.
     probe = PairItem("probe", [{"role": "user", "content": "x"}], "a", "b")
     few_shot_turns(constitution, templates, cfg.prefs.chain_of_thought)
     comparison_messages(templates, [], probe, "q", "ab", chain_of_thought=cfg.prefs.chain_of_thought)

@@ -12,10 +12,12 @@ model when the reward is `rm/` and it shares the policy's tokenizer; with LoRA, 
 same base plus a head) and the reward: `rm/`, the labeler's direct score, or a Python callable.
 
 One PPO step, on every process:
- 1. sample answers to a batch of rl-split prompts (temperature only, no top-k/top-p);
+ 1. sample answers to a batch of rl-split prompts (temperature only, no top-k/top-p), keeping each
+    token's log-prob under softmax(logits / temperature);
  2. truncate each answer after its first EOS;
  3. score the answers (answers that never end get `rl.unfinished_score`; scores are clipped);
- 4. compute per-token rewards: -beta * KL(policy || reference) on every token, the score on the last;
+ 4. compute per-token rewards: -beta * KL(policy || reference) on every token, the score on the last
+    (reference log-probs from logits / temperature too);
  5. values and GAE advantages and returns;
  6. whiten the advantages;
  7. PPO epochs over shuffled minibatches: clipped policy loss + clipped value loss, gradient
@@ -46,11 +48,11 @@ from cai.rl import (
     FixedKLController,
     clip_rewards,
     distinct_n,
-    entropy_from_logits,
     explained_variance,
     gae,
     kl_penalty_per_token,
     logprobs_from_logits,
+    masked_mean,
     masked_whiten,
     pearson,
     policy_loss,
@@ -168,14 +170,42 @@ def save_checkpoint(accelerator, folder: Path, step: int) -> None:
 # One PPO step
 
 
+class SampledLogprobs:
+    """A logits processor for `generate` that keeps, for each sampled token, its log-probability and
+    the entropy of the distribution it was drawn from, softmax(logits / temperature) (Ziegler et al.
+    take the old log-probs from the sampler too). It sees the raw logits (generate applies the
+    temperature after custom processors) and only keeps one step's distribution: the token drawn at step
+    t appears in `input_ids` at step t + 1, when that step's log-prob is settled; `finish` settles the last.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature, self.pending, self.logprobs, self.entropies = temperature, None, [], []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.settle(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.entropies.append(-(self.pending.exp() * self.pending).sum(-1))
+        return scores
+
+    def settle(self, tokens: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.logprobs.append(self.pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+            self.pending = None
+
+    def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, T] log-probs, [B, T] entropies) of the T sampled tokens."""
+        self.settle(last_tokens)
+        return torch.stack(self.logprobs, dim=1), torch.stack(self.entropies, dim=1)
+
+
 def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokenizer, batch, reward_fn) -> dict:
     rl, unwrapped, device = cfg.rl, accelerator.unwrap_model(model), accelerator.device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     micro = rl.minibatch_size // rl.grad_accum
     started = time.perf_counter()
 
-    # 1. Sample answers: pure temperature sampling, so the log-probs of step 4 are those of the sampler.
-    from transformers import GenerationConfig
+    # 1. Sample answers: pure temperature sampling (no top-k/top-p), keeping each token's log-prob.
+    from transformers import GenerationConfig, LogitsProcessorList
 
     query = tokenizer([b[1] for b in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     torch.manual_seed(stable_seed(cfg.seed, "rl-sample", step, accelerator.process_index))
@@ -183,14 +213,16 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
         do_sample=True, temperature=rl.temperature, top_k=0, top_p=1.0,
         max_new_tokens=rl.max_new_tokens or cfg.policy.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
     )
+    sampler = SampledLogprobs(rl.temperature)
     with torch.no_grad():
-        output = unwrapped.policy.generate(**query, generation_config=generation)
+        output = unwrapped.policy.generate(**query, generation_config=generation, logits_processor=LogitsProcessorList([sampler]))
     responses = output[:, query.input_ids.shape[1] :]
+    sampled_logprobs, sampled_entropy = sampler.finish(responses[:, -1])
 
     # 2. Truncate after the first EOS; pad (distinct from EOS) after it; drop all-pad columns.
     responses, mask, ended = truncate_after_eos(responses, eos_id, pad_id)
     n = int(mask.any(dim=0).nonzero().max()) + 1
-    responses, mask = responses[:, :n], mask[:, :n]
+    responses, mask, logprobs = responses[:, :n], mask[:, :n], sampled_logprobs[:, :n]
     input_ids = torch.cat([query.input_ids, responses], dim=1)
     attention_mask = torch.cat([query.attention_mask, mask.long()], dim=1)
     answer_tokens = [row[m].tolist() for row, m in zip(responses, mask)]
@@ -202,17 +234,16 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
     if rl.reward_clip is not None:
         scores = clip_rewards(scores, rl.reward_clip)
 
-    # 4. Log-probs (logits / temperature), reference log-probs, values; per-token KL and rewards.
-    logprobs, ref_logprobs, values, entropy = [], [], [], []
+    # 4. Reference log-probs (logits / temperature, like the sampler's) and values; per-token KL and rewards.
+    ref_logprobs, values = [], []
     with torch.no_grad():
         for rows in torch.arange(len(batch)).split(micro):
-            logits, value = model(input_ids[rows], attention_mask[rows], n)
+            _, value = model(input_ids[rows], attention_mask[rows], n, with_logits=False)
             ref_logits = unwrapped.reference_logits(reference, input_ids[rows], attention_mask[rows], n)
-            logprobs.append(logprobs_from_logits(logits, responses[rows], rl.temperature))
             ref_logprobs.append(logprobs_from_logits(ref_logits, responses[rows], rl.temperature))
             values.append(value)
-            entropy.append(entropy_from_logits(logits, mask[rows], rl.temperature) * mask[rows].sum())
-    logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+    ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values)
+    entropy = masked_mean(sampled_entropy[:, :n], mask)
     kl = kl_penalty_per_token(logprobs, ref_logprobs, mask, rl.kl_estimator)
     rewards = shaped_rewards(scores, kl, mask, kl_ctl.value)
     if rl.whiten_rewards and mask.sum() > 1:
@@ -252,7 +283,7 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
     # 9. Metrics and the reward-hacking monitors, over every process's batch.
     from accelerate.utils import gather_object
 
-    local = [sum(v) / len(v) for v in stats.values()] + [float(sum(entropy) / mask.sum().clamp(min=1)), explained_variance(values, returns, mask)]
+    local = [sum(v) / len(v) for v in stats.values()] + [float(entropy), explained_variance(values, returns, mask)]
     means = accelerator.reduce(torch.tensor(local, device=device), reduction="mean").tolist()
     texts = gather_object([(kind, answer) for (_, _, kind), answer in zip(batch, answers)])
     helpful = [answer for kind, answer in texts if kind == "helpful"]
@@ -328,7 +359,8 @@ def run(cfg: Config) -> Path:
     # Models, optimizer, KL controller; the reward.
     reward_fn, rm_dir = load_reward_fn(cfg, accelerator.device)
     model, reference = build_models(cfg, sft_dir, rm_dir, accelerator.device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.rl.learning_rate, eps=1e-5)
+    fused = accelerator.device.type in ("cpu", "cuda")  # one kernel for all parameters: several times faster
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.rl.learning_rate, eps=1e-5, fused=fused)
     model, optimizer = accelerator.prepare(model, optimizer)
     rl = cfg.rl
     kl_ctl = AdaptiveKLController(rl.kl_coef, rl.target_kl, rl.kl_horizon) if rl.adaptive_kl else FixedKLController(rl.kl_coef)
