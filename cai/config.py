@@ -126,6 +126,9 @@ class SFTConfig(Section):
         True, description="Loss on assistant turns only, where the chat template marks them."
     )
     bf16: bool | None = Field(None, description="Train in bf16 (None = on when a GPU supports it).")
+    activation_checkpointing: bool | None = Field(
+        None, description="Recompute activations in the backward pass to save memory (None = on with a GPU)."
+    )
     merge_lora: bool = Field(True, description="Save the LoRA weights merged into the base model.")
     logging_steps: int = Field(5, ge=1, description="Log the training loss every this many steps.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every this many steps (a killed run resumes there).")
@@ -185,6 +188,9 @@ class RMConfig(Section):
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
     bf16: bool | None = Field(None, description="Train in bf16 (None = on when a GPU supports it).")
+    activation_checkpointing: bool | None = Field(
+        None, description="Recompute activations in the backward pass to save memory (None = on with a GPU)."
+    )
     logging_steps: int = Field(5, ge=1, description="Log the training loss every this many steps.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every this many steps (a killed run resumes there).")
     report_to: str = Field("none", description="Tracker for TRL's trainer: none, tensorboard, wandb...")

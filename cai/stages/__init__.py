@@ -55,6 +55,8 @@ OPERATIONAL_KEYS = {
         "batch_size", "concurrency", "requests_per_minute", "tokens_per_minute", "timeout",
         "max_tries", "max_requests", "max_cost", "prices", "cache",
     },
+    "sft": {"activation_checkpointing"},
+    "rm": {"activation_checkpointing"},
 }
 
 

@@ -30,6 +30,7 @@ from cai.preferences import check_preference_dataset
 from cai.records import atomic_write_json, read_jsonl
 from cai.rewards import NORMALIZATION, SCORING, conversation, score_conversations
 from cai.stages import open_stage, require_done
+from cai.training import lora_config, trainer_arguments
 
 
 def soft_label_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, label_prob: torch.Tensor) -> torch.Tensor:
@@ -185,33 +186,9 @@ def run(cfg: Config) -> Path:
     model = AutoModelForSequenceClassification.from_pretrained(str(sft_dir), num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
-    bf16 = cfg.rm.bf16 if cfg.rm.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     checkpoints = stage.path / "checkpoints"
-    args = RewardConfig(
-        output_dir=str(checkpoints),
-        num_train_epochs=cfg.rm.epochs,
-        learning_rate=cfg.rm.learning_rate,
-        per_device_train_batch_size=cfg.rm.batch_size,
-        gradient_accumulation_steps=cfg.rm.grad_accum,
-        max_length=cfg.rm.max_length,
-        bf16=bf16,
-        seed=cfg.seed,
-        logging_steps=cfg.rm.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.rm.save_steps,
-        save_total_limit=1,
-        report_to=cfg.rm.report_to,
-        lr_scheduler_type="linear",
-        warmup_steps=0.03,
-        dataloader_num_workers=0,
-    )
-    peft_config = None
-    if cfg.rm.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=cfg.rm.lora_r, lora_alpha=cfg.rm.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS"
-        )
+    args = RewardConfig(**trainer_arguments(cfg.rm, checkpoints, cfg.seed, lr_scheduler="linear"))
+    peft_config = lora_config(cfg.rm, "SEQ_CLS")
     make = RewardTrainer if cfg.rm.hard_labels else soft_label_trainer
     trainer = make(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config)
     if len(trainer.train_dataset) == 0:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 from cai.config import Config
 from cai.errors import CaiError
 from cai.records import atomic_write_json
 from cai.stages import open_stage, require_done
+from cai.training import lora_config, trainer_arguments
 
 
 def to_prompt_completion(example: dict) -> dict:
@@ -37,32 +36,8 @@ def build_trainer(cfg: Config, model, tokenizer, dataset, output_dir: Path):
     from trl import SFTConfig, SFTTrainer
 
     model.train()
-    bf16 = cfg.sft.bf16 if cfg.sft.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    args = SFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=cfg.sft.epochs,
-        learning_rate=cfg.sft.learning_rate,
-        per_device_train_batch_size=cfg.sft.batch_size,
-        gradient_accumulation_steps=cfg.sft.grad_accum,
-        max_length=cfg.sft.max_length,
-        bf16=bf16,
-        seed=cfg.seed,
-        logging_steps=cfg.sft.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.sft.save_steps,
-        save_total_limit=1,
-        report_to=cfg.sft.report_to,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.03,
-        dataloader_num_workers=0,
-    )
-    peft_config = None
-    if cfg.sft.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=cfg.sft.lora_r, lora_alpha=cfg.sft.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-        )
+    args = SFTConfig(**trainer_arguments(cfg.sft, output_dir, cfg.seed, lr_scheduler="cosine"))
+    peft_config = lora_config(cfg.sft, "CAUSAL_LM")
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
 
 

@@ -1,0 +1,49 @@
+"""What the two stages that train with TRL's trainers (sft: SFTTrainer, rm: RewardTrainer) set the
+same way: the TrainingArguments both read from their config section, and the LoRA config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def trainer_arguments(section, output_dir: Path, seed: int, lr_scheduler: str) -> dict:
+    """Keyword arguments for a TRL config (SFTConfig, RewardConfig) from a config section with the
+    keys epochs, learning_rate, batch_size, grad_accum, max_length, bf16, activation_checkpointing,
+    logging_steps, save_steps and report_to."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    bf16 = section.bf16 if section.bf16 is not None else bool(gpu and torch.cuda.is_bf16_supported())
+    # TRL turns activation checkpointing on by default; on a CPU, where memory is rarely what runs
+    # out, recomputing every layer's activations only costs time, so the default follows the device.
+    checkpointing = section.activation_checkpointing if section.activation_checkpointing is not None else gpu
+    return dict(
+        output_dir=str(output_dir),
+        num_train_epochs=section.epochs,
+        learning_rate=section.learning_rate,
+        per_device_train_batch_size=section.batch_size,
+        gradient_accumulation_steps=section.grad_accum,
+        max_length=section.max_length,
+        bf16=bf16,
+        activation_checkpointing=checkpointing,
+        seed=seed,
+        logging_steps=section.logging_steps,
+        save_strategy="steps",
+        save_steps=section.save_steps,
+        save_total_limit=1,  # one checkpoint to resume from is enough
+        report_to=section.report_to,
+        lr_scheduler_type=lr_scheduler,
+        warmup_steps=0.03,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=gpu,
+    )
+
+
+def lora_config(section, task_type: str):
+    """peft's LoraConfig on every linear layer from the section's lora_r and lora_alpha, or None
+    when the section does not ask for LoRA."""
+    if not section.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=section.lora_r, lora_alpha=section.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type=task_type)
