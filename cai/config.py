@@ -245,7 +245,12 @@ class RLConfig(Section):
     dpo_beta: float = Field(0.1, gt=0, description="DPO beta.")
     dpo_label_smoothing: float | None = Field(
         None, ge=0, lt=0.5,
-        description="DPO: flip rate for the robust loss; None = the labeler's mean doubt, mean(1 - label_prob).",
+        description="DPO: label smoothing, the chance that a label is wrong; None = the labeler's mean doubt, mean(1 - label_prob).",
+    )
+    dpo_soft_loss: Literal["exo_pair", "robust"] = Field(
+        "exo_pair",
+        description="DPO loss when label smoothing > 0: exo_pair pulls the policy's preference toward 1 - smoothing "
+        "(bounded for any smoothing); robust is unbiased for that flip rate but weighs each pair by 1/(1 - 2 smoothing).",
     )
     dpo_min_label_prob: float = Field(0.5, ge=0, le=1, description="DPO: drop pairs whose label_prob is below this.")
 

@@ -393,6 +393,7 @@ def test_dpo_uses_label_prob_as_filter_and_label_smoothing(rl_config, tiny_model
     out = rl.run(cfg)
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["pairs"] == 6 and summary["label_smoothing"] == pytest.approx(0.2)
+    assert summary["loss"] == "exo_pair"
     assert summary["steps"] == 2 and len(read_jsonl(out / "samples.jsonl")) == 2
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     after = AutoModelForCausalLM.from_pretrained(out).state_dict()

@@ -3,8 +3,8 @@
 - `dpo`: DPOTrainer on `prefs/dataset` (the open CAI recipe: the AI preferences, no reward model).
   `label_prob`, the labeler's probability that `chosen` is better, is used twice: pairs below
   `rl.dpo_min_label_prob` are dropped (a weight of 0 or 1), and the labeler's mean doubt,
-  mean(1 - label_prob), becomes the flip rate of TRL's robust DPO loss (`rl.dpo_label_smoothing`
-  overrides it; 0 gives the plain sigmoid loss).
+  mean(1 - label_prob), becomes the label smoothing ε (`rl.dpo_label_smoothing` overrides it; 0 gives
+  the plain sigmoid loss) of TRL's exo_pair loss, or of its robust loss (`rl.dpo_soft_loss`).
 - `grpo` and `rloo`: GRPOTrainer / RLOOTrainer with the rl-split prompts, `rl.group_size` answers per
   prompt, and the reward of `rl.reward` (rm/, the labeler's direct score or a callable). The KL
   coefficient is `rl.kl_coef`, non-zero by default (GRPO's own default is none).
@@ -139,10 +139,14 @@ def run(cfg: Config) -> Path:
     if rl.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**common_args(cfg, checkpoints), beta=rl.dpo_beta, label_smoothing=smoothing,
-                         loss_type=["robust"] if smoothing > 0 else ["sigmoid"])
+        # With smoothing ε > 0 the labels are soft. TRL's sigmoid loss no longer takes label smoothing
+        # (conservative DPO); exo_pair is its bounded soft-target form: the policy's implicit preference
+        # σ(β·h) is pulled toward 1 - ε. The robust loss is unbiased for a flip rate ε, but its
+        # 1/(1 - 2ε) factor is 50 when a weak labeler's mean doubt is 0.49.
+        loss = rl.dpo_soft_loss if smoothing > 0 else "sigmoid"
+        args = DPOConfig(**common_args(cfg, checkpoints), beta=rl.dpo_beta, label_smoothing=smoothing, loss_type=[loss])
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
-        print(f"[rl] dpo on {len(dataset)} pairs, beta {rl.dpo_beta}, label smoothing {smoothing:.3f}")
+        print(f"[rl] dpo ({loss} loss) on {len(dataset)} pairs, beta {rl.dpo_beta}, label smoothing {smoothing:.3f}")
     else:
         from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -176,7 +180,7 @@ def run(cfg: Config) -> Path:
         "samples": sample_for_report(cfg, trained, tokenizer, reward_fn, stage.path),
     }
     if rl.algorithm == "dpo":
-        metrics.update(pairs=len(dataset), label_smoothing=smoothing)
+        metrics.update(pairs=len(dataset), label_smoothing=smoothing, loss=loss)
     atomic_write_json(stage.path / "metrics.json", metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)
     rewards = [e.get("reward") for e in logs if e.get("reward") is not None]
