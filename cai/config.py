@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cai.errors import CaiError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class Section(BaseModel):
@@ -384,11 +385,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise CaiError(_format_validation_error(err, source)) from None
-    # Shipped constitutions and template folders are found from any working directory.
+    # Shipped constitutions and template folders are found from any working directory: in the
+    # checkout, or inside the installed package (cai/constitutions and cai/prompts link to them).
     for key in ("constitution", "templates"):
         value = getattr(cfg, key)
-        if value and not Path(value).expanduser().exists() and (PROJECT_ROOT / value).exists():
-            setattr(cfg, key, str(PROJECT_ROOT / value))
+        if value and not Path(value).expanduser().exists():
+            for root in (PROJECT_ROOT, PACKAGE_DIR):
+                if (root / value).exists():
+                    setattr(cfg, key, str(root / value))
+                    break
     return cfg
 
 

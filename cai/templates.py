@@ -13,7 +13,8 @@ import jinja2
 
 from cai.errors import CaiError
 
-SHIPPED_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
+# cai/prompts links to the checkout's prompts/, so an installed wheel carries the same files.
+SHIPPED_PROMPTS = Path(__file__).resolve().parent / "prompts"
 
 
 class Templates:
