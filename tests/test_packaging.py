@@ -3,6 +3,7 @@ the prompt templates (through the links cai/constitutions and cai/prompts), and 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,8 +12,14 @@ from tests.conftest import ROOT
 
 
 def test_the_wheel_carries_constitutions_templates_and_data(tmp_path):
+    # Built from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
+    source = tmp_path / "source"
+    for name in ("cai", "constitutions", "prompts"):
+        shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(tmp_path), str(source)],
         check=True, capture_output=True, timeout=300,
     )
     [wheel] = tmp_path.glob("cai-*.whl")
