@@ -24,6 +24,7 @@ from cai.config import Config
 from cai.errors import CaiError
 from cai.records import atomic_write_json
 from cai.stages import open_stage, require_done
+from cai.training import lora_config
 
 
 def trl_reward(reward_fn):
@@ -95,6 +96,9 @@ def common_args(cfg: Config, output_dir: Path) -> dict:
         save_total_limit=1,
         report_to=rl.log_with,
         dataloader_num_workers=0,
+        # As in cai.training: TRL's default activation checkpointing only costs time on a CPU.
+        activation_checkpointing=torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -130,11 +134,7 @@ def run(cfg: Config) -> Path:
     model.train()
     tokenizer = load_tokenizer(str(sft_dir), cfg.cache_dir)
     checkpoints = stage.path / "checkpoints"
-    peft_config = None
-    if rl.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=rl.lora_r, lora_alpha=rl.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = lora_config(rl, "CAUSAL_LM")
     reward_fn = None
     if rl.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
