@@ -20,7 +20,6 @@ may also hold rows of `prompt` (text or messages), `chosen` and `rejected`.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai.errors import CaiError
+from cai.records import numbered_jsonl
 from cai.preferences import ORDERS, JudgeSettings, PairItem, judge_pairs, position_flip
 
 DEFAULT_GOLD = Path(__file__).resolve().parent / "data" / "hhh_438.jsonl"
@@ -79,13 +79,7 @@ def load_gold(path: str | Path) -> list[GoldPair]:
     if not path.is_file():
         raise CaiError(f"gold file not found: {path}")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CaiError(f"{path}: line {number}: invalid JSON ({err.msg})") from None
+    for number, line, row in numbered_jsonl(path.read_text(encoding="utf-8"), f"{path}:"):
         item_id = "gold:" + hashlib.sha256(line.encode()).hexdigest()[:12]
         try:
             if "corrects" in row:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai.errors import CaiError
+from cai.records import numbered_jsonl
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 KINDS = ("red_team", "helpful")
@@ -36,14 +37,7 @@ def _rows_from_file(path: Path) -> list[dict]:
         if suffix == ".json":
             data = json.loads(text)
             return data if isinstance(data, list) else [data]
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise CaiError(f"{path}: line {number}: invalid JSON ({err.msg})") from None
-        return rows
+        return [row for _, _, row in numbered_jsonl(text, f"{path}:")]
     if suffix in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cai.errors import CaiError
 
@@ -93,6 +93,19 @@ def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
         with open(path, "r+b") as f:
             f.truncate(good_end)
     return records
+
+
+def numbered_jsonl(text: str, where: str) -> Iterator[tuple[int, str, Any]]:
+    """(line number, line, parsed value) for each non-blank line of a JSONL text a user wrote. A line
+    that is not JSON stops with `<where> line N: invalid JSON (...)`, `where` naming the file."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CaiError(f"{where} line {number}: invalid JSON ({err.msg})") from None
+        yield number, line, value
 
 
 def save_dataset(dataset, path: str | Path) -> None:

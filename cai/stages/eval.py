@@ -41,7 +41,7 @@ from cai.labelers.local import LocalGenerator
 from cai.labelers.parsing import is_refusal
 from cai.preferences import ANSWER_PREFIX, OPTIONS, JudgeSettings, PairItem, draw_comparisons, first_answer_prob, judge_pairs
 from cai.promptsets import Prompt, prompt_id, split_prompts
-from cai.records import DONE, JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
+from cai.records import DONE, JsonlWriter, atomic_write_json, atomic_write_text, numbered_jsonl, read_jsonl
 from cai.stages import open_stage, require_done, stage_dir
 from cai.templates import Templates
 
@@ -61,13 +61,7 @@ def load_prompt_file(path: str) -> list[Prompt]:
     if not file.is_file():
         raise CaiError(f"eval.prompts: file {path} not found")
     prompts = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CaiError(f"eval.prompts: {path} line {number}: invalid JSON ({err.msg})") from None
+    for number, _, row in numbered_jsonl(file.read_text(encoding="utf-8"), f"eval.prompts: {path}"):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             has = ", ".join(row) if isinstance(row, dict) else type(row).__name__
             raise CaiError(f"eval.prompts: {path} line {number} has no 'prompt' text field (it has: {has or 'nothing'})")
