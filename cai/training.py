@@ -1,22 +1,32 @@
-"""What the two stages that train with TRL's trainers (sft: SFTTrainer, rm: RewardTrainer) set the
-same way: the TrainingArguments both read from their config section, and the LoRA config."""
+"""What the stages that train with TRL's trainers set the same way: the arguments that follow the
+device, the TrainingArguments sft (SFTTrainer) and rm (RewardTrainer) read from their config section,
+and the LoRA config."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
+def device_arguments(bf16: bool | None = None, activation_checkpointing: bool | None = None) -> dict:
+    """The TrainingArguments that follow the device, for every stage that trains with a TRL trainer
+    (sft, rm, and rl's dpo/grpo/rloo); None leaves a setting to the device."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return dict(
+        bf16=bf16 if bf16 is not None else bool(gpu and torch.cuda.is_bf16_supported()),
+        # TRL turns activation checkpointing on by default; on a CPU, where memory is rarely what
+        # runs out, recomputing every layer's activations only costs time.
+        activation_checkpointing=activation_checkpointing if activation_checkpointing is not None else gpu,
+        dataloader_pin_memory=gpu,
+        dataloader_num_workers=0,
+    )
+
+
 def trainer_arguments(section, output_dir: Path, seed: int, lr_scheduler: str) -> dict:
     """Keyword arguments for a TRL config (SFTConfig, RewardConfig) from a config section with the
     keys epochs, learning_rate, batch_size, grad_accum, max_length, bf16, activation_checkpointing,
     logging_steps, save_steps and report_to."""
-    import torch
-
-    gpu = torch.cuda.is_available()
-    bf16 = section.bf16 if section.bf16 is not None else bool(gpu and torch.cuda.is_bf16_supported())
-    # TRL turns activation checkpointing on by default; on a CPU, where memory is rarely what runs
-    # out, recomputing every layer's activations only costs time, so the default follows the device.
-    checkpointing = section.activation_checkpointing if section.activation_checkpointing is not None else gpu
     return dict(
         output_dir=str(output_dir),
         num_train_epochs=section.epochs,
@@ -24,8 +34,6 @@ def trainer_arguments(section, output_dir: Path, seed: int, lr_scheduler: str) -
         per_device_train_batch_size=section.batch_size,
         gradient_accumulation_steps=section.grad_accum,
         max_length=section.max_length,
-        bf16=bf16,
-        activation_checkpointing=checkpointing,
         seed=seed,
         logging_steps=section.logging_steps,
         save_strategy="steps",
@@ -34,8 +42,7 @@ def trainer_arguments(section, output_dir: Path, seed: int, lr_scheduler: str) -
         report_to=section.report_to,
         lr_scheduler_type=lr_scheduler,
         warmup_steps=0.03,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=gpu,
+        **device_arguments(section.bf16, section.activation_checkpointing),
     )
 
 

@@ -18,13 +18,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 from cai.config import Config
 from cai.errors import CaiError
 from cai.records import atomic_write_json
 from cai.stages import open_stage, require_done
-from cai.training import lora_config
+from cai.training import device_arguments, lora_config
 
 
 def trl_reward(reward_fn):
@@ -88,17 +86,13 @@ def common_args(cfg: Config, output_dir: Path) -> dict:
         learning_rate=rl.learning_rate,
         lr_scheduler_type="constant",
         max_grad_norm=rl.max_grad_norm if rl.max_grad_norm is not None else 0.0,
-        bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
         seed=cfg.seed,
         logging_steps=1,
         save_strategy="steps",
         save_steps=rl.checkpoint_every,
         save_total_limit=1,
         report_to=rl.log_with,
-        dataloader_num_workers=0,
-        # As in cai.training: TRL's default activation checkpointing only costs time on a CPU.
-        activation_checkpointing=torch.cuda.is_available(),
-        dataloader_pin_memory=torch.cuda.is_available(),
+        **device_arguments(),
     )
 
 
