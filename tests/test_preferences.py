@@ -218,7 +218,8 @@ def test_both_orders_share_one_batch_and_principles_share_the_context(tiny_gener
 
     def counting(*args, **kwargs):
         ids = kwargs["input_ids"]
-        calls.append((tuple(ids.shape), kwargs.get("past_key_values") is not None))
+        calls.append((tuple(ids.shape), kwargs.get("cache") is not None))
+        assert "past_key_values" not in kwargs  # deprecated in transformers 5, removed in 5.40
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(tiny_generator.model, "forward", counting)
@@ -271,3 +272,27 @@ def test_chain_of_thought_on_the_local_model(tiny_generator):
         for order in ("ab", "ba"):
             assert entry["orders"][order]["reasoning"] and 0.4 <= entry["orders"][order]["p_first"] <= 0.6
     assert verdict.status == ("ok" if readable else "unparseable")
+
+
+def test_failed_prefix_sharing_falls_back_to_full_passes_with_the_same_result(monkeypatch):
+    """A transformers release whose cache cannot be rebuilt as cai does: a warning, then the same numbers."""
+    import transformers
+
+    from tests.tiny import make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    generator = LocalGenerator(make_tiny_model(tokenizer), tokenizer, batch_size=8)
+    items = [ITEM, PairItem("p2", [{"role": "user", "content": "Tell me a story."}], "Once upon a time.", "No.")]
+    expected = judge_pairs(Local(generator, share=False), items, TINY, Templates(), settings=settings())
+
+    class ChangedCache(transformers.DynamicCache):
+        def __init__(self, *args, **kwargs):
+            if args:
+                raise TypeError("DynamicCache() takes no per-layer data any more")
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr("cai.labelers.local.DynamicCache", ChangedCache)
+    with pytest.warns(RuntimeWarning, match="computing every sequence in full"):
+        shared = judge_pairs(Local(generator), items, TINY, Templates(), settings=settings())
+    assert [s.label for s in shared] == pytest.approx([e.label for e in expected], abs=1e-5)
+    assert generator.share_prefix is False

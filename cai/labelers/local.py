@@ -6,21 +6,17 @@ implementation of batched chat generation.
 
 from __future__ import annotations
 
-import hashlib
+import inspect
+import warnings
 from pathlib import Path
 from typing import Callable
-import inspect
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from cai.labelers.base import Choice, ChoiceRequest, GenerateRequest, Generation, Message, Usage
-
-
-def _stable_seed(*parts) -> int:
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+from cai.seeding import stable_seed
 
 
 class LocalGenerator:
@@ -36,7 +32,12 @@ class LocalGenerator:
             raise ValueError("the tokenizer needs a pad token (cai.models.load_tokenizer sets one)")
         tokenizer.padding_side = "left"
         self._continuations: dict = {}  # (options, answer prefix) -> option_continuations' answer
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in parameters
+        # transformers 5 renamed the key/value cache argument `past_key_values` -> `cache` (the old name
+        # is deprecated and goes in 5.40); a model whose forward still takes only the old name gets it.
+        self._cache_argument = "cache" if "cache" in parameters or "past_key_values" not in parameters else "past_key_values"
+        self.share_prefix = True  # turned off, with a warning, the first time sharing a prefix fails
 
     @property
     def device(self) -> torch.device:
@@ -76,7 +77,7 @@ class LocalGenerator:
             texts = [self.render(r.messages) for r in group]
             batch = self._encode(texts)
             # Seeded by what is asked, not by when: a resumed run samples the same answers.
-            torch.manual_seed(_stable_seed(self.seed, texts, [r.sample_index for r in group]))
+            torch.manual_seed(stable_seed(self.seed, texts, [r.sample_index for r in group]))
             sampling = first.temperature > 0
             output = self.model.generate(
                 **batch,
@@ -187,15 +188,11 @@ class LocalGenerator:
 
     def _forward(self, input_ids, attention_mask, position_ids, past=None, keep: int = 1):
         kwargs = {"logits_to_keep": keep} if self._keeps_logits else {}
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past,
-            use_cache=True,
-            **kwargs,
-        )
-        return out.logits[:, -keep:, :].float(), out.past_key_values
+        if past is not None:
+            kwargs[self._cache_argument] = past
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs)
+        cache = out.get("cache") if "cache" in out else out.get("past_key_values")
+        return out.logits[:, -keep:, :].float(), cache
 
     def _pad(self, pieces: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in pieces)
@@ -208,11 +205,19 @@ class LocalGenerator:
                 mask[row, span] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    @staticmethod
+    def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(keys, values) of each layer, [batch, heads, seq, dim], through the cache's documented iteration."""
+        return [(entry[0], entry[1]) for entry in cache]
+
+    def _cache(self, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+        """A DynamicCache filled with (keys, values) per layer, its documented constructor."""
+        return DynamicCache(layers, config=self.model.config)
+
     def _select(self, cache, index: list[int]):
         """A new cache holding rows `index` of `cache` (the same row may appear many times)."""
         rows = torch.tensor(index, device=self.device)
-        data = [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in cache.layers]
-        return DynamicCache(data, config=self.model.config)
+        return self._cache([(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self._layers(cache)])
 
     @torch.no_grad()
     def tail_logprobs(
@@ -226,16 +231,33 @@ class LocalGenerator:
         the whole chunk, once; (1) each group's own shared part, one row per group; (2) each sequence's
         remaining suffix. Padding is masked and positions are given explicitly, so the result equals one
         plain forward pass per sequence. Without it: left-padded batches of whole sequences.
+
+        Sharing leans on the model's cache API, which transformers keeps changing; when it fails (a model
+        whose cache cannot be rebuilt or reused this way, a transformers release that changed it) the
+        generator warns once and computes the rest without sharing, which gives the same numbers.
         """
         out: list[torch.Tensor | None] = [None] * len(sequences)
         bar = tqdm(total=len(sequences), desc=desc, disable=desc is None, leave=False)
-        if not share_prefix:
+        if not (share_prefix and self.share_prefix):
             self._plain_tails(sequences, tails, list(range(len(sequences))), out, bar)
         else:
             # Longest shared parts first, so that a chunk's groups have similar lengths.
             groups = sorted(prefix_groups(sequences, tails), key=lambda group: -group[1])
             for chunk in self._chunks(groups):
-                self._shared_tails(sequences, tails, chunk, out, bar)
+                members = [i for group, _ in chunk for i in group]
+                if self.share_prefix:
+                    try:
+                        self._shared_tails(sequences, tails, chunk, out, bar)
+                        continue
+                    except (TypeError, ValueError, AttributeError, IndexError, KeyError, RuntimeError) as err:
+                        self.share_prefix = False
+                        warnings.warn(
+                            f"local labeler: sharing the key/value cache of common prefixes failed "
+                            f"({type(err).__name__}: {err}); computing every sequence in full instead (same result, slower)",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                self._plain_tails(sequences, tails, [i for i in members if out[i] is None], out, bar)
         bar.close()
         return out  # type: ignore[return-value]
 
@@ -303,12 +325,12 @@ class LocalGenerator:
             extra = width - mask.shape[1]
             masks.append(torch.nn.functional.pad(mask, (0, extra)))
             pad = (0, 0, 0, extra)  # the sequence axis of [batch, heads, seq, dim]
-            keys.append([torch.nn.functional.pad(layer.keys, pad) for layer in past.layers])
-            values.append([torch.nn.functional.pad(layer.values, pad) for layer in past.layers])
+            layers = self._layers(past)
+            keys.append([torch.nn.functional.pad(k, pad) for k, _ in layers])
+            values.append([torch.nn.functional.pad(v, pad) for _, v in layers])
             start = end
-        cache = DynamicCache(
-            [(torch.cat([k[n] for k in keys]), torch.cat([v[n] for v in values])) for n in range(len(keys[0]))],
-            config=self.model.config,
+        cache = self._cache(
+            [(torch.cat([k[n] for k in keys]), torch.cat([v[n] for v in values])) for n in range(len(keys[0]))]
         )
         part_mask = torch.cat(masks)
         # (2) each sequence's own suffix, left-padded so that its tail comes last, in batches
