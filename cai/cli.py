@@ -58,6 +58,23 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def run_with_upstream(name: str, cfg, rerun: set[str] | None = None):
+    """Run a stage; when an upstream stage it reads was made under another config, rerun that one
+    first (and, the same way, whatever it reads), then this one."""
+    from cai.stages import StaleStage
+
+    rerun = set() if rerun is None else rerun
+    while True:
+        try:
+            return run_stage(name, cfg)
+        except StaleStage as err:
+            if err.stage in rerun:
+                raise
+            rerun.add(err.stage)
+            print(f"[run] {name} needs {err.stage}, which was made under another config: rerunning {err.stage} first")
+            run_with_upstream(err.stage, cfg, rerun)
+
+
 def cmd_run(args) -> int:
     from cai.config import load_config
     from cai.stages import stage_dir
@@ -77,7 +94,7 @@ def cmd_run(args) -> int:
 
     started = time.time()
     for name in stages:
-        run_stage(name, cfg)
+        run_with_upstream(name, cfg)
     minutes, seconds = divmod(int(time.time() - started), 60)
     print(f"\nPipeline finished in {minutes}m{seconds:02d}s. Outputs:")
     for name in stages:
@@ -154,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key.path=value overrides")
         p.set_defaults(func=cmd_stage, stage=name)
 
-    p = sub.add_parser("run", help="run the stages in order, skipping finished ones, resuming a partial one")
+    p = sub.add_parser(
+        "run",
+        help="run the stages in order, skipping finished ones, resuming a partial one, rerunning one made under another config",
+    )
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     group = p.add_mutually_exclusive_group()

@@ -9,10 +9,16 @@ Each stage is one module with `run(cfg) -> Path`. Stages talk only through files
 - same fingerprint and a DONE marker: the stage is skipped;
 - same fingerprint, no marker: a partial run, resumed;
 - another fingerprint: the folder is cleared and the stage reruns (and says so).
+
+A stage that reads an earlier stage's output (`require_done`) checks that it was made under the
+current config: an upstream stage finished under another one (another seed, so other splits; an rm
+trained on other pairs) is refused in one line naming the first key that differs, and `cai run`
+reruns it instead.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -60,7 +66,9 @@ OPERATIONAL_KEYS = {
 }
 
 
-def stage_fingerprint(cfg: Config, stage: str) -> str:
+def fingerprint_parts(cfg: Config, stage: str) -> dict:
+    """What a stage's output depends on: the config sections it and the stages before it read (less the
+    operational keys), the constitution's hash and the hash of the templates they render."""
     from cai.templates import Templates
 
     dumped = cfg.model_dump(mode="json")
@@ -75,7 +83,62 @@ def stage_fingerprint(cfg: Config, stage: str) -> str:
         templates += STAGE_TEMPLATES.get(name, ())
     parts["constitution_sha256"] = constitution_sha256(cfg.constitution)
     parts["templates"] = Templates(cfg.templates).fingerprint(templates)
-    return config_hash(parts)
+    return parts
+
+
+def stage_fingerprint(cfg: Config, stage: str) -> str:
+    return config_hash(fingerprint_parts(cfg, stage))
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out: dict = {}
+        for key, child in value.items():
+            out.update(_flatten(child, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def differing_key(before: dict, now: dict) -> tuple[str, object, object] | None:
+    """(dotted key, value before, value now) of the first key whose value differs, in config order."""
+    old, new = _flatten(before), _flatten(now)
+    for key in list(new) + [k for k in old if k not in new]:
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            return key, old.get(key, "<unset>"), new.get(key, "<unset>")
+    return None
+
+
+class StaleStage(CaiError):
+    """An upstream stage finished under another config; `stage` names it so that `cai run` can rerun it."""
+
+    def __init__(self, message: str, stage: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+def made_under(cfg: Config, stage: str) -> str | None:
+    """None when `stage` is finished under this config; else why not, as a phrase."""
+    path = stage_dir(cfg, stage)
+    if not (path / DONE).exists():
+        return "not finished"
+    if (path / DONE).read_text().strip() == stage_fingerprint(cfg, stage):
+        return None
+    provenance = path / "provenance.json"
+    before = json.loads(provenance.read_text()).get("fingerprint_parts") if provenance.is_file() else None
+    found = differing_key(before, fingerprint_parts(cfg, stage)) if isinstance(before, dict) else None
+    if found is None:
+        return "made under another config (see its config.yaml)"
+    key, old, new = found
+    if key == "constitution_sha256":
+        return "made with another constitution text"
+    if key == "templates":
+        return "made with other prompt templates"
+    return f"made with {key}={old!r} (now {new!r})"
+
+
+def is_current(cfg: Config, stage: str) -> bool:
+    """The stage is finished, under this config."""
+    return made_under(cfg, stage) is None
 
 
 @dataclass
@@ -98,10 +161,18 @@ def stage_dir(cfg: Config, stage: str) -> Path:
 
 
 def require_done(cfg: Config, stage: str, needed_by: str) -> Path:
-    """The folder of an earlier stage, or one line naming the stage that makes it."""
+    """The folder of an earlier stage finished under this config, or one line naming the stage that makes
+    it (and, when it was made under another config, the first key that differs)."""
     path = stage_dir(cfg, stage)
     if not (path / DONE).exists():
         raise CaiError(f"{needed_by} needs the output of the {stage} stage ({path}); run `cai {stage} CONFIG` first")
+    why = made_under(cfg, stage)
+    if why is not None:
+        raise StaleStage(
+            f"{needed_by} needs the {stage} stage made under this config, but {path} was {why}; "
+            f"rerun it with `cai {stage} CONFIG [overrides]`, or `cai run`, which reruns it",
+            stage,
+        )
     return path
 
 
@@ -134,10 +205,13 @@ def open_stage(cfg: Config, stage: str, force: bool = False) -> Stage:
             "fingerprint": fingerprint,
             "constitution": str(constitution),
             "constitution_sha256": constitution_sha256(constitution),
+            "fingerprint_parts": fingerprint_parts(cfg, stage),
             "versions": package_versions(),
         },
     )
     return Stage(stage, path, fingerprint, done=False, resumed=resumed, started=started)
 
 
-__all__ = ["STAGES", "DONE", "Stage", "open_stage", "require_done", "stage_dir", "stage_fingerprint"]
+__all__ = [
+    "STAGES", "DONE", "Stage", "StaleStage", "is_current", "open_stage", "require_done", "stage_dir", "stage_fingerprint",
+]

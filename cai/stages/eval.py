@@ -42,7 +42,7 @@ from cai.labelers.parsing import is_refusal
 from cai.preferences import ANSWER_PREFIX, OPTIONS, JudgeSettings, PairItem, draw_comparisons, first_answer_prob, judge_pairs
 from cai.promptsets import Prompt, prompt_id, split_prompts
 from cai.records import DONE, JsonlWriter, atomic_write_json, atomic_write_text, numbered_jsonl, read_jsonl
-from cai.stages import open_stage, require_done, stage_dir
+from cai.stages import is_current, open_stage, require_done, stage_dir
 from cai.templates import Templates
 
 # The comparisons, newest model first: the label is P(newer model's answer is better).
@@ -167,7 +167,7 @@ def write_answers(cfg, templates, sources, prompts, path: Path, examples: list[d
     """Every model answers every prompt not yet answered (step 2); the last model answers the examples."""
     done = {(r["model"], r["id"]) for r in read_jsonl(path, repair=True)}
     sft_dir = stage_dir(cfg, "sft")
-    reference_source = str(sft_dir) if (sft_dir / DONE).exists() else None
+    reference_source = str(sft_dir) if is_current(cfg, "sft") else None
     final = next(m for m in ("rl", "sft", "initial") if m in sources)  # the newest model shows the examples
     todo = {m: [(p, s) for p, s in prompts if (m, p.id) not in done] for m in sources}
     need_examples = bool(examples) and not examples_path.exists()
@@ -385,7 +385,7 @@ def run(cfg: Config) -> Path:
     if cfg.labeler.backend == "local":
         resolve_model(cfg.labeler.model, cfg.cache_dir)
     sl_dir = stage_dir(cfg, "sl")
-    examples = pick_examples(sl_dir, cfg.eval.examples) if cfg.eval.examples and (sl_dir / DONE).exists() else []
+    examples = pick_examples(sl_dir, cfg.eval.examples) if cfg.eval.examples and is_current(cfg, "sl") else []
 
     # Prompt files edited since a finished run: resume it, so that only the new prompts are asked.
     path = stage_dir(cfg, "eval")
@@ -409,7 +409,7 @@ def run(cfg: Config) -> Path:
 
     # 3. Reward-model scores.
     rewards, reward_note = None, None
-    if (stage_dir(cfg, "rm") / DONE).exists():
+    if is_current(cfg, "rm"):
         from cai.rewards import RewardModelScorer
 
         scorer = RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir)
@@ -420,7 +420,7 @@ def run(cfg: Config) -> Path:
         del scorer
         gc.collect()
     else:
-        reward_note = f"no reward-model scores: {stage_dir(cfg, 'rm')} holds no finished rm stage"
+        reward_note = f"no reward-model scores: {stage_dir(cfg, 'rm')} holds no rm stage finished under this config"
         print(f"[eval] {reward_note}")
 
     # 4.-5. The labeler: pairwise judgements, then harmlessness and refusal grades.
