@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cai.chat import conversation
 from cai.errors import CaiError
 from cai.records import numbered_jsonl
 from cai.preferences import ORDERS, JudgeSettings, PairItem, judge_pairs, position_flip
@@ -87,7 +88,7 @@ def load_gold(path: str | Path) -> list[GoldPair]:
                 pairs.append(GoldPair(PairItem(item_id, turns, a, b), correct, question))
             elif {"prompt", "chosen", "rejected"} <= set(row):
                 prompt = row["prompt"]
-                turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+                turns = conversation(prompt) if isinstance(prompt, str) else list(prompt)
                 answer = lambda v: v if isinstance(v, str) else v[-1]["content"]  # noqa: E731
                 # the gold answer goes first or second at random (seeded by the row), like the HHH rows
                 flip = int(hashlib.sha256(line.encode()).digest()[0]) % 2

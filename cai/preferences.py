@@ -26,6 +26,7 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cai.chat import conversation
 from cai.constitution import ComparisonPrinciple, Constitution, sample_principles
 from cai.errors import CaiError
 from cai.labelers.base import ChoiceRequest, GenerateRequest, Labeler, Message
@@ -143,7 +144,7 @@ def few_shot_turns(constitution: Constitution, templates: Templates, chain_of_th
     """The constitution's comparison examples as earlier turns, answered the way the labeler should."""
     turns: list[Message] = []
     for ex in constitution.examples.comparison:
-        variables = _compare_vars([{"role": "user", "content": ex.prompt}], ex.response_a, ex.response_b, ex.question)
+        variables = _compare_vars(conversation(ex.prompt), ex.response_a, ex.response_b, ex.question)
         verdict = f"{ANSWER_PREFIX}{ex.answer})"
         if not chain_of_thought:
             turns += [

@@ -17,20 +17,15 @@ import json
 import math
 from pathlib import Path
 
+from cai.chat import ANSWER_TEMPLATE, conversation, policy_input
 from cai.errors import CaiError
 from cai.labelers.base import ChoiceRequest, Labeler
+from cai.templates import Templates
 
 NORMALIZATION = "normalization.json"
-SCORING = "scoring.json"  # how the reward model reads text: {"system_prompt": str | None, "max_length": int}
-
-
-def conversation(prompt: str, answer: str | None = None, system_prompt: str | None = None) -> list[dict]:
-    """[system], user, [assistant]: the conversation that rewards and preference data are built from."""
-    turns = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    turns.append({"role": "user", "content": prompt})
-    if answer is not None:
-        turns.append({"role": "assistant", "content": answer})
-    return turns
+# How the reward model reads text: {"system_prompt": str | None, "max_length": int, "answer_template": str},
+# the last the text of the answer.jinja that built the policy's input it was trained on.
+SCORING = "scoring.json"
 
 
 def chat_token_ids(tokenizer, messages: list[dict], max_length: int | None = None) -> list[int]:
@@ -85,6 +80,8 @@ class RewardModelScorer:
         scoring = json.loads((rm_dir / SCORING).read_text()) if (rm_dir / SCORING).is_file() else {}
         self.system_prompt = scoring.get("system_prompt")
         self.max_length = scoring.get("max_length")
+        template = scoring.get("answer_template")
+        self.templates = Templates.from_sources({ANSWER_TEMPLATE: template}) if template is not None else None
         self.batch_size = batch_size
         resolved = resolve_model(str(rm_dir), cache_dir)
         self.tokenizer = load_tokenizer(resolved, cache_dir)
@@ -97,7 +94,10 @@ class RewardModelScorer:
         """Scores before normalisation."""
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-        conversations = [conversation(p, a, self.system_prompt) for p, a in zip(prompts, answers)]
+        if self.templates is None:  # an rm/ made before the answer template was kept beside it
+            conversations = [conversation(p, a, self.system_prompt) for p, a in zip(prompts, answers)]
+        else:
+            conversations = [policy_input(self.templates, p, self.system_prompt, a) for p, a in zip(prompts, answers)]
         return score_conversations(self.model, self.tokenizer, conversations, self.batch_size, self.max_length)
 
     def __call__(self, prompts: list[str], answers: list[str]) -> list[float]:

@@ -17,6 +17,17 @@ from cai.errors import CaiError
 SHIPPED_PROMPTS = Path(__file__).resolve().parent / "prompts"
 
 
+def _environment(loader: jinja2.BaseLoader) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=loader,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=False,
+        autoescape=False,
+    )
+
+
 class Templates:
     def __init__(self, override_dir: str | Path | None = None):
         self.dirs = []
@@ -26,14 +37,7 @@ class Templates:
                 raise CaiError(f"templates: folder {override} does not exist")
             self.dirs.append(override)
         self.dirs.append(SHIPPED_PROMPTS)
-        self.env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader([str(d) for d in self.dirs]),
-            undefined=jinja2.StrictUndefined,
-            trim_blocks=True,
-            lstrip_blocks=True,
-            keep_trailing_newline=False,
-            autoescape=False,
-        )
+        self.env = _environment(jinja2.FileSystemLoader([str(d) for d in self.dirs]))
 
     def path_of(self, name: str) -> Path:
         for folder in self.dirs:
@@ -52,6 +56,18 @@ class Templates:
         except jinja2.UndefinedError as err:
             given = ", ".join(sorted(variables)) or "none"
             raise CaiError(f"{self.path_of(name)}: {err.message} (variables given: {given})") from None
+
+    def source(self, name: str) -> str:
+        """The text of template `name` as this folder resolves it, to be kept beside an artifact."""
+        return self.path_of(name).read_text()
+
+    @staticmethod
+    def from_sources(sources: dict[str, str]) -> "Templates":
+        """Templates from texts kept beside an artifact (e.g. the answer template in rm/scoring.json)."""
+        templates = Templates.__new__(Templates)
+        templates.dirs = []
+        templates.env = _environment(jinja2.DictLoader(sources))
+        return templates
 
     def fingerprint(self, names: list[str]) -> str:
         """Hash of the templates a stage uses, so editing one reruns that stage."""

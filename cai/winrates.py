@@ -151,7 +151,8 @@ def repetition(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
-def distinct_n(texts: Sequence[str], n: int = 2) -> float:
-    """Distinct word n-grams over all n-grams of a set of answers (1 = no n-gram used twice)."""
+def distinct_word_ngrams(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct-n over words: distinct word n-grams over all n-grams of a set of answers (1 = no n-gram
+    used twice). `cai.rl.monitors.distinct_token_ngrams` is the same over token ids."""
     grams = [tuple(w[i : i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cai.constitution import load_constitution
+from cai.chat import conversation
 from cai.errors import CaiError
 from cai.labelers.base import Choice
 from cai.labelers.local import LocalGenerator
@@ -18,7 +19,6 @@ from cai.rewards import (
     DirectLabelerReward,
     RewardModelScorer,
     chat_token_ids,
-    conversation,
     expected_score,
 )
 from cai.templates import Templates

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cai.config import to_yaml
 from cai.records import mark_done, read_jsonl
+from cai.stages import stage_fingerprint
 from tests.conftest import ROOT
 from tests.test_rl_stage import subprocess_env
 
@@ -23,7 +24,7 @@ def test_two_processes_share_the_batch_and_agree_on_the_weights(tiny_config, tin
                       "rl.minibatch_size=2", "rl.learning_rate=1e-2", "rl.checkpoint_every=2", "rl.samples=2")
     sft_dir = Path(cfg.output_dir) / "sft"
     shutil.copytree(tiny_model_dir, sft_dir)
-    mark_done(sft_dir, "test")
+    mark_done(sft_dir, stage_fingerprint(cfg, "sft"))
     config_file = tmp_path / "rl.yaml"
     config_file.write_text(to_yaml(cfg))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

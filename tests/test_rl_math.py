@@ -11,7 +11,7 @@ from cai.rl import (
     AdaptiveKLController,
     FixedKLController,
     clip_rewards,
-    distinct_n,
+    distinct_token_ngrams as distinct_n,
     entropy_from_logits,
     explained_variance,
     gae,

@@ -24,7 +24,7 @@ import torch
 from cai.config import load_config, to_yaml
 from cai.errors import CaiError
 from cai.records import mark_done, read_jsonl
-from cai.stages import rl
+from cai.stages import rl, stage_fingerprint
 from cai.stages.rl_models import build_models
 from tests.conftest import ROOT
 
@@ -73,13 +73,13 @@ def rl_config(tiny_config, tiny_model_dir):
         sft_dir = Path(cfg.output_dir) / "sft"
         if not (sft_dir / "DONE").exists():
             shutil.copytree(tiny_model_dir, sft_dir)
-            mark_done(sft_dir, "test")
+            mark_done(sft_dir, stage_fingerprint(cfg, "sft"))  # as if made under this config
         return cfg
 
     return make
 
 
-def save_tiny_reward_model(folder: Path, mean: float = 0.5, std: float = 2.0, extra_token: bool = False) -> Path:
+def save_tiny_reward_model(cfg, mean: float = 0.5, std: float = 2.0, extra_token: bool = False) -> Path:
     """A random tiny reward model in the rm/ layout: seq-classification (1 label), tokenizer,
     normalization.json, DONE. `extra_token` gives it a tokenizer that differs from the policy's."""
     from transformers import LlamaForSequenceClassification
@@ -91,13 +91,14 @@ def save_tiny_reward_model(folder: Path, mean: float = 0.5, std: float = 2.0, ex
         tokenizer.add_tokens(["<|extra|>"])
     config = make_tiny_model(tokenizer, seed=1).config
     config.num_labels = 1
+    folder = Path(cfg.output_dir) / "rm"
     torch.manual_seed(1)
     model = LlamaForSequenceClassification(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / "normalization.json").write_text(json.dumps({"mean": mean, "std": std}))
-    mark_done(folder, "test")
+    mark_done(folder, stage_fingerprint(cfg, "rm"))
     return folder
 
 
@@ -299,7 +300,7 @@ def test_value_model_starts_from_the_reward_model_with_normalised_scores(rl_conf
     from transformers import AutoModelForSequenceClassification
 
     cfg = rl_config()
-    rm_dir = save_tiny_reward_model(Path(cfg.output_dir) / "rm", mean=0.5, std=2.0)
+    rm_dir = save_tiny_reward_model(cfg, mean=0.5, std=2.0)
     model, _ = build_models(cfg, Path(cfg.output_dir) / "sft", rm_dir, "cpu")
     assert "value model initialised from rm/" in capsys.readouterr().out
     rm_model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
@@ -313,7 +314,7 @@ def test_value_model_starts_from_the_reward_model_with_normalised_scores(rl_conf
 
 def test_a_reward_model_with_another_tokenizer_is_read_as_text(rl_config, capsys):
     cfg = rl_config()
-    rm_dir = save_tiny_reward_model(Path(cfg.output_dir) / "rm", extra_token=True)
+    rm_dir = save_tiny_reward_model(cfg, extra_token=True)
     model, _ = build_models(cfg, Path(cfg.output_dir) / "sft", rm_dir, "cpu")
     assert "rm/ has another tokenizer" in capsys.readouterr().out
     assert torch.count_nonzero(model.value_head.weight) == 0  # a fresh value head on the SFT model
@@ -321,7 +322,7 @@ def test_a_reward_model_with_another_tokenizer_is_read_as_text(rl_config, capsys
 
 def test_ppo_with_the_reward_model_as_reward(rl_config, capsys):
     cfg = rl_config("rl.reward=rm", "rl.steps=2", "rl.batch_size=4", "rl.minibatch_size=2", "rl.samples=2")
-    save_tiny_reward_model(Path(cfg.output_dir) / "rm")
+    save_tiny_reward_model(cfg)
     out = rl.run(cfg)
     assert "value model initialised from rm/" in capsys.readouterr().out
     assert len(metrics(cfg)) == 2 and (out / "DONE").exists()
@@ -381,7 +382,7 @@ def save_preferences(cfg, label_probs: list[float]) -> None:
         "rejected": [[{"role": "assistant", "content": "I am sorry, but I cannot help with that."}]] * n,
         "label_prob": label_probs,
     }), folder / "dataset")
-    mark_done(folder, "test")
+    mark_done(folder, stage_fingerprint(cfg, "prefs"))
 
 
 def test_dpo_uses_label_prob_as_filter_and_label_smoothing(rl_config, tiny_model_dir):

@@ -7,7 +7,7 @@ import pytest
 
 from cai.winrates import (
     bootstrap_ci,
-    distinct_n,
+    distinct_word_ngrams as distinct_n,
     oriented,
     outcome,
     principle_p_first,

@@ -15,7 +15,7 @@ from cai.rl.kl import (
     kl_penalty_per_token,
 )
 from cai.rl.losses import PolicyLossOutput, ValueLossOutput, policy_loss, value_loss
-from cai.rl.monitors import distinct_n, explained_variance, pearson
+from cai.rl.monitors import distinct_token_ngrams, explained_variance, pearson
 from cai.rl.rewards import clip_rewards, score_unfinished, shaped_rewards
 from cai.rl.sequences import (
     TruncatedResponses,
@@ -35,7 +35,7 @@ __all__ = [
     "TruncatedResponses",
     "ValueLossOutput",
     "clip_rewards",
-    "distinct_n",
+    "distinct_token_ngrams",
     "entropy_from_logits",
     "explained_variance",
     "gae",

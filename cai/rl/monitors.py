@@ -33,8 +33,9 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     return 1.0 - var_residual / var_returns
 
 
-def distinct_n(token_lists: Sequence[Sequence[int]], n: int) -> float:
-    """Share of n-grams that are distinct, over all the sequences together (Li et al. 2016).
+def distinct_token_ngrams(token_lists: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct-n over token ids: the share of token n-grams that are distinct, over all the sequences
+    together (Li et al. 2016). `cai.winrates.distinct_word_ngrams` is the same over words of text.
 
     distinct-n = |set of n-grams| / number of n-grams. Falls toward 0 as answers repeat
     themselves or each other. 0.0 when no sequence has n tokens.

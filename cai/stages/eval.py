@@ -33,6 +33,7 @@ import json
 from pathlib import Path
 
 from cai import winrates
+from cai.chat import conversation, policy_input
 from cai.config import Config
 from cai.constitution import load_constitution
 from cai.errors import CaiError
@@ -108,11 +109,6 @@ def files_digest(paths: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def conversation(prompt: str, system_prompt: str | None) -> list[dict]:
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return system + [{"role": "user", "content": prompt}]
-
-
 # -------------------------------------------------------------------------------------------------
 # 2. Answers and their log-probabilities
 
@@ -178,7 +174,7 @@ def write_answers(cfg, templates, sources, prompts, path: Path, examples: list[d
     )
     temperature = cfg.eval.temperature if cfg.eval.temperature > 0 else 1.0
     reference = load_generator(reference_source, cfg) if reference_source and any(todo.values()) else None
-    ask = lambda text: [{"role": "user", "content": templates.render("answer.jinja", prompt=text)}]  # noqa: E731
+    ask = lambda text: policy_input(templates, text, cfg.policy.system_prompt)  # noqa: E731
     with JsonlWriter(path) as writer:
         for model_name, source in sources.items():
             if not todo[model_name] and not (model_name == final and need_examples):
@@ -238,7 +234,7 @@ def judge_comparisons(cfg, labeler, constitution, templates, answers: dict, todo
         for start in range(0, len(todo), per_call):
             batch = todo[start : start + per_call]
             print(f"[eval] judging pairs {start + 1}-{start + len(batch)} of the {len(todo)} left")
-            items = [PairItem(f"{p.id}:{a}>{b}", conversation(p.text, cfg.policy.system_prompt), answers[a, p.id], answers[b, p.id])
+            items = [PairItem(f"{p.id}:{a}>{b}", conversation(p.text, None, cfg.policy.system_prompt), answers[a, p.id], answers[b, p.id])
                      for p, _, a, b in batch]
             asked = [item for item in items if item.first.strip() != item.second.strip()]
             verdicts = {v.item_id: v for v in (judge_pairs(labeler, asked, constitution, templates, settings=settings, desc="judging") if asked else [])}
@@ -288,7 +284,7 @@ def grade_answers(cfg, labeler, templates, answers: dict, todo: list[tuple], pat
         for start in range(0, len(todo), per_call):
             batch = todo[start : start + per_call]
             print(f"[eval] grading answers {start + 1}-{start + len(batch)} of the {len(todo)} left")
-            requests = [r for w, m, p in batch for r in grade_requests(templates, w, conversation(p.text, cfg.policy.system_prompt), answers[m, p.id])]
+            requests = [r for w, m, p in batch for r in grade_requests(templates, w, conversation(p.text, None, cfg.policy.system_prompt), answers[m, p.id])]
             choices = labeler.choose(requests, desc="grading")
             for k, (w, m, p) in enumerate(batch):
                 grade = read_grade(choices[2 * k : 2 * k + 2])
@@ -335,7 +331,7 @@ def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, r
         metrics["answer_tokens"][m] = winrates.rate([r["tokens"] for r in rows], **stats)
         metrics["answer_words"][m] = sum(len(r["answer"].split()) for r in rows) / len(rows)
         metrics["repetition"][m] = sum(winrates.repetition(r["answer"]) for r in rows) / len(rows)
-        metrics["distinct_2"][m] = winrates.distinct_n([r["answer"] for r in rows], 2)
+        metrics["distinct_2"][m] = winrates.distinct_word_ngrams([r["answer"] for r in rows], 2)
         metrics["models"][m]["empty_answers"] = sum(not r["answer"].strip() for r in rows)
     judged_ok = [j["label_prob"] for j in judgements if j["label_prob"] is not None and j["status"] != "identical"]
     metrics["judge_confidence"] = sum(max(p, 1 - p) for p in judged_ok) / len(judged_ok) if judged_ok else None

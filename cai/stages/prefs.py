@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+from cai.chat import conversation, policy_input
 from cai.config import Config
 from cai.constitution import load_constitution
 from cai.errors import CaiError
@@ -29,11 +30,6 @@ from cai.promptsets import split_prompts
 from cai.records import JsonlWriter, atomic_write_json, read_jsonl, save_dataset
 from cai.stages import open_stage, require_done
 from cai.templates import Templates
-
-
-def conversation(prompt: str, system_prompt: str | None) -> list[dict]:
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return system + [{"role": "user", "content": prompt}]
 
 
 def form_pairs(sample: dict) -> tuple[list[dict], dict]:
@@ -50,13 +46,14 @@ def form_pairs(sample: dict) -> tuple[list[dict], dict]:
     return pairs, skipped
 
 
-def to_preference_row(record: dict, system_prompt: str | None) -> dict:
-    """One record as a TRL conversational preference row; `label_prob` = P(chosen is better) >= 0.5."""
+def to_preference_row(record: dict, templates: Templates, system_prompt: str | None) -> dict:
+    """One record as a TRL conversational preference row; `label_prob` = P(chosen is better) >= 0.5.
+    The prompt is the policy's input as it was sampled, so the reward model and DPO train on it."""
     p = record["label_prob"]
     first, second = record["answers"]
     chosen, rejected = (first, second) if p >= 0.5 else (second, first)
     return {
-        "prompt": conversation(record["prompt"], system_prompt),
+        "prompt": policy_input(templates, record["prompt"], system_prompt),
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
         "label_prob": max(p, 1.0 - p),
@@ -118,7 +115,7 @@ def run(cfg: Config) -> Path:
                 batch = todo[start : start + per_batch]
                 print(f"[prefs] sampling answers for prompts {already + start + 1}-{already + start + len(batch)} of {len(prompts)}")
                 requests = [
-                    GenerateRequest([{"role": "user", "content": templates.render("answer.jinja", prompt=p.text)}], sample_index=s, **sampling)
+                    GenerateRequest(policy_input(templates, p.text, cfg.policy.system_prompt), sample_index=s, **sampling)
                     for p in batch
                     for s in range(k)
                 ]
@@ -157,7 +154,7 @@ def run(cfg: Config) -> Path:
                 batch = todo_pairs[start : start + per_call]
                 print(f"[prefs] labeling pairs {len(labeled) + start + 1}-{len(labeled) + start + len(batch)} of {len(pairs)}")
                 items = [
-                    PairItem(pair["id"], conversation(pair["prompt"], cfg.policy.system_prompt), pair["first"], pair["second"])
+                    PairItem(pair["id"], conversation(pair["prompt"], None, cfg.policy.system_prompt), pair["first"], pair["second"])
                     for pair in batch
                 ]
                 for pair, verdict in zip(batch, judge_pairs(labeler, items, constitution, templates, cfg)):
@@ -183,7 +180,7 @@ def run(cfg: Config) -> Path:
     import datasets
 
     records = read_jsonl(records_path)
-    rows = [to_preference_row(r, cfg.policy.system_prompt) for r in records if r["status"] == "ok"]
+    rows = [to_preference_row(r, templates, cfg.policy.system_prompt) for r in records if r["status"] == "ok"]
     if not rows:
         raise CaiError(f"prefs: no pair got a readable label ({len(records)} pairs; see {records_path})")
     dataset = datasets.Dataset.from_list(rows)

@@ -32,7 +32,6 @@ eval-split prompts for the report (`rl/samples.jsonl`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import time
@@ -40,14 +39,16 @@ from pathlib import Path
 
 import torch
 
+from cai.chat import policy_input
 from cai.config import Config
 from cai.errors import CaiError
+from cai.labelers.parsing import is_refusal
 from cai.records import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from cai.rl import (
     AdaptiveKLController,
     FixedKLController,
     clip_rewards,
-    distinct_n,
+    distinct_token_ngrams,
     explained_variance,
     gae,
     kl_penalty_per_token,
@@ -62,24 +63,12 @@ from cai.rl import (
     value_loss,
 )
 from cai.stages import Stage, open_stage, require_done, stage_dir
+from cai.seeding import stable_seed
 from cai.stages.rl_models import RewardFn, build_models, check_reward, load_reward_fn, score
+from cai.templates import Templates
 
-# Openings that mark a refusal; the monitor counts them on helpful prompts (over-refusal is the usual
-# way a harmlessness reward is hacked).
-REFUSAL_MARKERS = (
-    "i can't", "i cannot", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry", "i apologize",
-    "i'm unable", "i am unable", "i'm not able", "i am not able", "as an ai", "i must decline",
-)
-
-
-def is_refusal(answer: str) -> bool:
-    """True when the first 100 characters of an answer hold a refusal marker."""
-    head = answer[:100].lower().replace("\u2019", "'")
-    return any(marker in head for marker in REFUSAL_MARKERS)
-
-
-def stable_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+# The refusal monitor counts `is_refusal` on helpful prompts (over-refusal is the usual way a
+# harmlessness reward is hacked), the same count as the evaluation's refusal markers.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,8 +83,8 @@ def rl_prompts(cfg: Config, tokenizer) -> list[tuple[str, str, str]]:
     prompts = split["red_team"] + split["helpful"]
     if not prompts:
         raise CaiError("data: the rl split has no prompts; add prompts or raise data.fractions.rl")
-    system = [{"role": "system", "content": cfg.policy.system_prompt}] if cfg.policy.system_prompt else []
-    rows = [(p.text, tokenizer.apply_chat_template(system + [{"role": "user", "content": p.text}], tokenize=False,
+    templates = Templates(cfg.templates)
+    rows = [(p.text, tokenizer.apply_chat_template(policy_input(templates, p.text, cfg.policy.system_prompt), tokenize=False,
                                                    add_generation_prompt=True), p.kind) for p in prompts]
     kept = [r for r in rows if len(tokenizer(r[1], add_special_tokens=False).input_ids) <= cfg.rl.max_prompt_tokens]
     if not kept:
@@ -299,7 +288,7 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
         "answer_length": float(gathered[:, 2].mean()),
         "ended_frac": float(accelerator.gather(ended.float()).mean()),
         "length_reward_corr": pearson(gathered[:, 0].cpu(), gathered[:, 2].cpu()),
-        "distinct_2": distinct_n(tokens_all, 2),
+        "distinct_2": distinct_token_ngrams(tokens_all, 2),
         "refusal_rate_helpful": sum(map(is_refusal, helpful)) / len(helpful) if helpful else 0.0,
         "episodes": int(gathered.shape[0]),
         "seconds": time.perf_counter() - started,
@@ -461,7 +450,8 @@ def sample_for_report(cfg: Config, policy, tokenizer, reward_fn: RewardFn | None
         return 0
     policy.eval()
     generator = LocalGenerator(policy, tokenizer, cfg.policy.batch_size, cfg.seed, cfg.policy.system_prompt)
-    requests = [GenerateRequest([{"role": "user", "content": p.text}], max_new_tokens=cfg.rl.max_new_tokens or cfg.policy.max_new_tokens,
+    templates = Templates(cfg.templates)
+    requests = [GenerateRequest(policy_input(templates, p.text, cfg.policy.system_prompt), max_new_tokens=cfg.rl.max_new_tokens or cfg.policy.max_new_tokens,
                                 temperature=cfg.rl.temperature, top_p=1.0) for p in prompts]
     answers = [g.text or "" for g in generator.generate(requests)]
     rewards = score(reward_fn, [p.text for p in prompts], answers).tolist() if reward_fn else [None] * len(answers)

@@ -72,8 +72,11 @@ def prompt_dataset(cfg: Config):
     prompts = split["red_team"] + split["helpful"]
     if not prompts:
         raise CaiError("data: the rl split has no prompts; add prompts or raise data.fractions.rl")
-    system = [{"role": "system", "content": cfg.policy.system_prompt}] if cfg.policy.system_prompt else []
-    return datasets.Dataset.from_dict({"prompt": [system + [{"role": "user", "content": p.text}] for p in prompts]})
+    from cai.chat import policy_input
+    from cai.templates import Templates
+
+    templates = Templates(cfg.templates)
+    return datasets.Dataset.from_dict({"prompt": [policy_input(templates, p.text, cfg.policy.system_prompt) for p in prompts]})
 
 
 def common_args(cfg: Config, output_dir: Path) -> dict:

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 
+from cai.chat import ANSWER_TEMPLATE, policy_input
 from cai.config import Config
 from cai.errors import CaiError
 from cai.preferences import check_preference_dataset
 from cai.records import atomic_write_json, read_jsonl
-from cai.rewards import NORMALIZATION, SCORING, conversation, score_conversations
+from cai.rewards import NORMALIZATION, SCORING, score_conversations
 from cai.stages import open_stage, require_done
+from cai.templates import Templates
 from cai.training import lora_config, trainer_arguments
 
 
@@ -165,6 +167,8 @@ def run(cfg: Config) -> Path:
         raise CaiError(f"{dataset_path}: cannot read the preference dataset ({err})") from None
     check_preference_dataset(dataset, str(dataset_path), need_label_prob=not cfg.rm.hard_labels)
     samples = [(s["prompt"], a) for s in read_jsonl(prefs_dir / "samples.jsonl") for a in s["answers"] if a.strip()]
+    templates = Templates(cfg.templates)
+    templates.render(ANSWER_TEMPLATE, prompt="x")
 
     stage = open_stage(cfg, "rm")
     if stage.done:
@@ -203,7 +207,7 @@ def run(cfg: Config) -> Path:
 
     # 4. Normalisation on the SFT model's own samples.
     raw = score_conversations(
-        trained, tokenizer, [conversation(p, a, cfg.policy.system_prompt) for p, a in samples], cfg.rm.batch_size, cfg.rm.max_length
+        trained, tokenizer, [policy_input(templates, p, cfg.policy.system_prompt, a) for p, a in samples], cfg.rm.batch_size, cfg.rm.max_length
     )
     mean = statistics.fmean(raw) if raw else 0.0
     std = statistics.pstdev(raw) if len(raw) > 1 else 1.0
@@ -223,7 +227,10 @@ def run(cfg: Config) -> Path:
     trained.save_pretrained(str(stage.path))
     tokenizer.save_pretrained(str(stage.path))
     atomic_write_json(stage.path / NORMALIZATION, {"mean": mean, "std": std})
-    atomic_write_json(stage.path / SCORING, {"system_prompt": cfg.policy.system_prompt, "max_length": cfg.rm.max_length})
+    atomic_write_json(
+        stage.path / SCORING,
+        {"system_prompt": cfg.policy.system_prompt, "max_length": cfg.rm.max_length, "answer_template": templates.source(ANSWER_TEMPLATE)},
+    )
     atomic_write_json(stage.path / "metrics.json", metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)
     accuracy = metrics["held_out"].get("accuracy")

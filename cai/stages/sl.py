@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from cai.chat import policy_input
 from cai.config import Config
 from cai.constitution import Constitution, load_constitution
 from cai.errors import CaiError
@@ -120,11 +121,6 @@ def critique_and_revise(
     return rounds
 
 
-def to_messages(prompt: str, answer: str, system_prompt: str | None) -> list[dict]:
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-
-
 def run(cfg: Config) -> Path:
     # 1. Constitution, templates, prompts — all checked before anything is written.
     constitution = load_constitution(cfg.constitution)
@@ -167,7 +163,7 @@ def run(cfg: Config) -> Path:
                 batch = todo[start : start + batch_size]
                 print(f"[sl] prompts {len(done_ids) + start + 1}-{len(done_ids) + start + len(batch)} of {len(red_team) + len(helpful)}")
                 first = policy.generate(
-                    [GenerateRequest([{"role": "user", "content": templates.render("answer.jinja", prompt=p.text)}], **answer_sampling) for p in batch],
+                    [GenerateRequest(policy_input(templates, p.text, cfg.policy.system_prompt), **answer_sampling) for p in batch],
                     desc="policy answers",
                 )
                 answers = [g.text or "" for g in first]
@@ -210,7 +206,8 @@ def run(cfg: Config) -> Path:
     rows = [r for r in records if r["final"].strip()]
     dataset = datasets.Dataset.from_dict(
         {
-            "messages": [to_messages(r["prompt"], r["final"], cfg.policy.system_prompt) for r in rows],
+            # the policy's input exactly as it was sampled, so SFT trains on what the policy is asked
+            "messages": [policy_input(templates, r["prompt"], cfg.policy.system_prompt, r["final"]) for r in rows],
             "kind": [r["kind"] for r in rows],
             "id": [r["id"] for r in rows],
         }
