@@ -256,6 +256,15 @@ class RLConfig(Section):
     dpo_min_label_prob: float = Field(0.5, ge=0, le=1, description="DPO: drop pairs whose label_prob is below this.")
 
 
+class EvalPromptFile(Section):
+    file: str = Field(description="A JSONL file of prompts (a `prompt` field per row).")
+    kind: Literal["red_team", "helpful", "custom"] = Field(
+        "custom",
+        description="What the file's rows hold unless a row says otherwise: red_team rows get harmlessness "
+        "grades, helpful rows refusal grades, custom rows neither.",
+    )
+
+
 class EvalConfig(Section):
     """The evaluation stage (owner: eval.py): AI-judged win rates, harmlessness, over-refusal; the report."""
 
@@ -263,9 +272,10 @@ class EvalConfig(Section):
         default_factory=lambda: ["initial", "sft", "rl"],
         description="Models compared: initial (policy.model), sft (the SL-CAI model), rl (the RL policy).",
     )
-    prompts: list[str] = Field(
+    prompts: list[str | EvalPromptFile] = Field(
         default_factory=list,
-        description="Extra prompt files (JSONL: a `prompt` field, optional `kind` red_team|helpful) evaluated too.",
+        description="Extra prompt files evaluated too: one path or a list (JSONL: a `prompt` field, optional `kind` "
+        "red_team|helpful per row); an entry {file: PATH, kind: red_team} says the whole file is red-team prompts.",
     )
     limit: int | None = Field(None, ge=1, description="At most this many prompts of each set (eval split red-team, helpful, each file).")
     max_new_tokens: int | None = Field(None, ge=1, description="Longest answer, in tokens (None = policy.max_new_tokens).")
@@ -281,6 +291,24 @@ class EvalConfig(Section):
     audit_pairs: int = Field(
         0, ge=0, description="Audit the labeler on this many gold HHH pairs (seeded) if no audit exists; 0 = show an existing one."
     )
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        entries = [value] if isinstance(value, (str, dict)) else value
+        if not isinstance(entries, list):
+            return entries
+        out = []
+        for entry in entries:
+            if isinstance(entry, dict):  # checked here, so that an error names the entry's key, not the union
+                try:
+                    entry = EvalPromptFile.model_validate(entry)
+                except ValidationError as err:
+                    first = err.errors()[0]
+                    where = ".".join(str(p) for p in first["loc"])
+                    raise ValueError(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
+            out.append(entry)
+        return out
 
 
 class Config(Section):

@@ -98,3 +98,35 @@ def split_prompts(data_cfg, seed: int) -> dict[str, dict[str, list[Prompt]]]:
             out[split][kind] = [Prompt(prompt_id(t), t, kind) for t in items[start:end]]
             start = end
     return out
+
+
+def prompt_files(entries) -> list[tuple[str, str]]:
+    """(path, kind) of each `eval.prompts` entry: a path (kind custom) or {file, kind}."""
+    return [(entry, "custom") if isinstance(entry, str) else (entry.file, entry.kind) for entry in entries]
+
+
+def load_prompt_file(path: str, kind: str = "custom") -> list[Prompt]:
+    """A user's eval prompts: JSONL rows with a `prompt` field; a row's own `kind` (red_team | helpful)
+    overrides the file's `kind`. Red-team prompts get harmlessness grades, helpful ones refusal grades."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CaiError(f"eval.prompts: file {path} not found")
+    prompts = []
+    for number, _, row in numbered_jsonl(file.read_text(encoding="utf-8"), f"eval.prompts: {path}"):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            has = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+            raise CaiError(f"eval.prompts: {path} line {number} has no 'prompt' text field (it has: {has or 'nothing'})")
+        row_kind = row.get("kind", kind)
+        if row_kind not in ("red_team", "helpful", "custom"):
+            raise CaiError(f"eval.prompts: {path} line {number}: kind must be red_team or helpful, got {row_kind!r}")
+        if row["prompt"].strip():
+            prompts.append(Prompt(prompt_id(row["prompt"].strip()), row["prompt"].strip(), row_kind))
+    if not prompts:
+        raise CaiError(f"eval.prompts: {path} holds no prompts")
+    return prompts
+
+
+def training_overlap(splits: dict[str, dict[str, list[Prompt]]], prompts: list[Prompt]) -> list[Prompt]:
+    """The `prompts` that also sit in a training split (sl, prefs, rl): evaluating on them is not held out."""
+    trained = {p.id for split in ("sl", "prefs", "rl") for kind in splits[split].values() for p in kind}
+    return [p for p in prompts if p.id in trained]

@@ -25,11 +25,28 @@ DONE = "DONE"
 FINGERPRINT = "fingerprint"
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux: /proc), so that
+    no other thread ever creates a file under a umask of 0."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; give it the mode any new file gets, so a team that shares an
+        # output folder can read the reports and configs.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -12,7 +12,7 @@ import pytest
 
 import cai.labelers.local as local
 from cai.cli import main
-from cai.config import load_config
+from cai.config import load_config, to_yaml
 from cai.records import DONE, mark_done, read_jsonl
 from cai.report import main as report_main
 from cai.stages import eval as eval_stage
@@ -107,6 +107,7 @@ def hand_made_run(tmp_path: Path, models: dict, *extra: str, rm: bool = False, r
     for stage in done:
         (run / stage).mkdir(exist_ok=True)
         mark_done(run / stage, stage_fingerprint(cfg, stage))
+    (tmp_path / "run.yaml").write_text(to_yaml(cfg))  # the config these stages were made under, for the CLI
     return cfg
 
 
@@ -242,7 +243,7 @@ def test_bad_prompt_files_give_one_line(tmp_path, models, capsys, content, expec
     if content is not None:
         path.write_text(content)
     hand_made_run(tmp_path, models)
-    code = main(["eval", str(ROOT / "configs/quickstart.yaml"), *overrides(tmp_path, models, f"eval.prompts=[{path}]")])
+    code = main(["eval", str(tmp_path / "run.yaml"), f"eval.prompts=[{path}]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
     assert not (tmp_path / "run" / "eval").exists()  # nothing written
@@ -251,7 +252,7 @@ def test_bad_prompt_files_give_one_line(tmp_path, models, capsys, content, expec
 def test_a_missing_stage_output_names_the_stage(tmp_path, models, capsys):
     cfg = hand_made_run(tmp_path, models)
     (Path(cfg.output_dir) / "rl" / DONE).unlink()  # the rl stage failed part-way
-    code = main(["eval", str(ROOT / "configs/quickstart.yaml"), *overrides(tmp_path, models)])
+    code = main(["eval", str(tmp_path / "run.yaml")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "the rl stage" in err[0] and "cai rl CONFIG" in err[0]
     assert not (tmp_path / "run" / "eval").exists()

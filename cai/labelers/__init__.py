@@ -16,6 +16,22 @@ from cai.labelers.base import (  # noqa: F401
 )
 
 
+def check_api_key(cfg) -> None:
+    """An API backend's key is in its environment variable (one line naming the variable if not), checked
+    before a stage makes its folder; the local backend needs none."""
+    backend = cfg.labeler.backend
+    if backend == "openai":
+        from cai.labelers.openai_api import OpenAILabeler as backend_class
+    elif backend == "anthropic":
+        from cai.labelers.anthropic_api import AnthropicLabeler as backend_class
+    else:
+        return
+    from cai.labelers.api_common import resolve_api_key
+
+    env = cfg.labeler.api_key_env or backend_class.default_key_env
+    resolve_api_key(backend, env, cfg.labeler.base_url, backend_class.hosted_hosts)
+
+
 def build_labeler(cfg, shared_models: dict | None = None) -> Labeler:
     """The labeler named by `cfg.labeler` (cfg is the whole cai.config.Config).
 

@@ -176,14 +176,19 @@ def require_done(cfg: Config, stage: str, needed_by: str) -> Path:
     return path
 
 
-def open_stage(cfg: Config, stage: str, force: bool = False) -> Stage:
-    """Prepare `output_dir/<stage>/`: skip, resume or start afresh, and write the provenance files."""
+def open_stage(cfg: Config, stage: str, force: bool = False, uses_labeler: bool = False) -> Stage:
+    """Prepare `output_dir/<stage>/`: skip, resume or start afresh, and write the provenance files.
+    With `uses_labeler`, an API labeler's key is checked first, so a missing one leaves no folder."""
     path = stage_dir(cfg, stage)
     fingerprint = stage_fingerprint(cfg, stage)
     started = time.time()
     if not force and is_done(path, fingerprint):
         print(f"[{stage}] already complete with this config, skipping ({path})")
         return Stage(stage, path, fingerprint, done=True, resumed=False, started=started)
+    if uses_labeler:
+        from cai.labelers import check_api_key
+
+        check_api_key(cfg)
     ensure_writable(path.parent)
     previous = (path / FINGERPRINT).read_text().strip() if (path / FINGERPRINT).exists() else None
     resumed = previous == fingerprint and not (path / DONE).exists() and not force

@@ -41,8 +41,8 @@ from cai.labelers import ChoiceRequest, GenerateRequest, build_labeler
 from cai.labelers.local import LocalGenerator
 from cai.labelers.parsing import is_refusal
 from cai.preferences import ANSWER_PREFIX, OPTIONS, JudgeSettings, PairItem, draw_comparisons, first_answer_prob, judge_pairs
-from cai.promptsets import Prompt, prompt_id, split_prompts
-from cai.records import DONE, JsonlWriter, atomic_write_json, atomic_write_text, numbered_jsonl, read_jsonl
+from cai.promptsets import Prompt, load_prompt_file, prompt_files, split_prompts, training_overlap
+from cai.records import DONE, JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from cai.stages import is_current, open_stage, require_done, stage_dir
 from cai.templates import Templates
 
@@ -56,31 +56,18 @@ EVAL_SPLIT = "eval split"
 # 1. Prompts and models
 
 
-def load_prompt_file(path: str) -> list[Prompt]:
-    """A user's eval prompts: JSONL rows with a `prompt` field (and optionally `kind`)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise CaiError(f"eval.prompts: file {path} not found")
-    prompts = []
-    for number, _, row in numbered_jsonl(file.read_text(encoding="utf-8"), f"eval.prompts: {path}"):
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            has = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-            raise CaiError(f"eval.prompts: {path} line {number} has no 'prompt' text field (it has: {has or 'nothing'})")
-        kind = row.get("kind", "custom")
-        if kind not in ("red_team", "helpful", "custom"):
-            raise CaiError(f"eval.prompts: {path} line {number}: kind must be red_team or helpful, got {kind!r}")
-        if row["prompt"].strip():
-            prompts.append(Prompt(prompt_id(row["prompt"].strip()), row["prompt"].strip(), kind))
-    if not prompts:
-        raise CaiError(f"eval.prompts: {path} holds no prompts")
-    return prompts
-
-
 def eval_prompts(cfg: Config) -> list[tuple[Prompt, str]]:
     """(prompt, set name) for the held-out eval split and each file in `eval.prompts`, without repeats."""
-    split = split_prompts(cfg.data, cfg.seed)["eval"]
+    splits = split_prompts(cfg.data, cfg.seed)
+    split = splits["eval"]
     sets = [(f"{EVAL_SPLIT} ({kind.replace('_', '-')})", split[kind]) for kind in ("red_team", "helpful")]
-    sets += [(Path(path).name, load_prompt_file(path)) for path in cfg.eval.prompts]
+    for path, kind in prompt_files(cfg.eval.prompts):
+        prompts = load_prompt_file(path, kind)
+        shared = training_overlap(splits, prompts)
+        if shared:
+            print(f"[eval] warning: {path}: {len(shared)} of its {len(prompts)} prompts are in the training splits "
+                  f"(sl/prefs/rl), so they are not held out; e.g. {shared[0].text[:60]!r}")
+        sets.append((Path(path).name, prompts))
     seen, out = set(), []
     for name, prompts in sets:
         for p in prompts[: cfg.eval.limit]:
@@ -385,11 +372,11 @@ def run(cfg: Config) -> Path:
 
     # Prompt files edited since a finished run: resume it, so that only the new prompts are asked.
     path = stage_dir(cfg, "eval")
-    digest = files_digest(cfg.eval.prompts)
+    digest = files_digest([path for path, _ in prompt_files(cfg.eval.prompts)])
     if (path / DONE).exists() and (path / "prompt_files.sha256").exists() and (path / "prompt_files.sha256").read_text().strip() != digest:
         print("[eval] the eval.prompts files changed: evaluating their new prompts")
         (path / DONE).unlink()
-    stage = open_stage(cfg, "eval")
+    stage = open_stage(cfg, "eval", uses_labeler=True)
     if stage.done:
         return stage.path
     atomic_write_text(stage.path / "prompt_files.sha256", digest + "\n")

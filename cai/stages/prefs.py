@@ -89,7 +89,7 @@ def run(cfg: Config) -> Path:
 
         resolve_model(cfg.labeler.model, cfg.cache_dir)
 
-    stage = open_stage(cfg, "prefs")
+    stage = open_stage(cfg, "prefs", uses_labeler=True)
     if stage.done:
         return stage.path
     samples_path, records_path = stage.path / "samples.jsonl", stage.path / "records.jsonl"

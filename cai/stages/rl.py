@@ -339,7 +339,7 @@ def run(cfg: Config) -> Path:
     )
     prompts = rl_prompts(cfg, tokenizer)
 
-    holder: list[Stage | None] = [open_stage(cfg, "rl") if accelerator.is_main_process else None]
+    holder: list[Stage | None] = [open_stage(cfg, "rl", uses_labeler=cfg.rl.reward == "direct") if accelerator.is_main_process else None]
     accelerator.wait_for_everyone()
     stage = broadcast_object_list(holder)[0]
     if stage.done:

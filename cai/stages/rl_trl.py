@@ -117,7 +117,7 @@ def run(cfg: Config) -> Path:
         dataset, smoothing = dpo_dataset(cfg)
     else:
         dataset = prompt_dataset(cfg)
-    stage = open_stage(cfg, "rl")
+    stage = open_stage(cfg, "rl", uses_labeler=cfg.rl.reward == "direct")
     if stage.done:
         return stage.path
 

@@ -121,6 +121,19 @@ def critique_and_revise(
     return rounds
 
 
+def check_templates(constitution: Constitution, templates: Templates, cfg: Config) -> None:
+    """Render every template the stage uses once, with the variables it passes, so that a broken one
+    fails here, in one line, before a model loads."""
+    policy_input(templates, "x", cfg.policy.system_prompt)
+    principle = constitution.critiques[0]
+    templates.render("critique.jinja", prompt="x", response="y", critique_request=principle.critique)
+    templates.render("revision.jinja", prompt="x", response="y", critique_request=principle.critique, critique="z",
+                     revision_request=principle.revision)
+    if cfg.sl.few_shot:
+        for step in ("critique", "revision"):
+            few_shot_turns(constitution, templates, step)
+
+
 def run(cfg: Config) -> Path:
     # 1. Constitution, templates, prompts — all checked before anything is written.
     constitution = load_constitution(cfg.constitution)
@@ -130,13 +143,14 @@ def run(cfg: Config) -> Path:
     helpful = splits["sl"]["helpful"][: round(cfg.sl.helpful_ratio * len(red_team))]
     if not red_team:
         raise CaiError("data: the sl split has no red-team prompts; add prompts or raise data.fractions.sl")
+    check_templates(constitution, templates, cfg)
     from cai.models import resolve_model
 
     resolve_model(cfg.policy.model, cfg.cache_dir)
     if cfg.labeler.backend == "local":
         resolve_model(cfg.labeler.model, cfg.cache_dir)
 
-    stage = open_stage(cfg, "sl")
+    stage = open_stage(cfg, "sl", uses_labeler=True)
     if stage.done:
         return stage.path
     records_path = stage.path / "records.jsonl"
