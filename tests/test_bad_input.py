@@ -113,3 +113,32 @@ def test_atomically_written_files_keep_the_usual_umask(tmp_path, umask, mode):
         os.umask(old)
     for name in ("report.md", "config.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode
+
+
+def made_sft(cfg, model_dir: Path) -> None:
+    """sft/ as a finished sft stage under `cfg` leaves it (the tiny model)."""
+    import shutil
+
+    from cai.records import mark_done
+    from cai.stages import stage_fingerprint
+
+    sft_dir = Path(cfg.output_dir) / "sft"
+    shutil.copytree(model_dir, sft_dir)
+    mark_done(sft_dir, stage_fingerprint(cfg, "sft"))
+
+
+@pytest.mark.parametrize("stage, name, extra", [("prefs", "answer.jinja", ()), ("rl", "score.jinja", ("rl.reward=direct",))])
+def test_a_broken_template_stops_prefs_and_rl_before_any_model_loads(tiny_config, tiny_model_dir, tmp_path, no_model_loads,
+                                                                      stage, name, extra):
+    import importlib
+
+    from cai.errors import CaiError
+
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / name).write_text("{{ no_such_variable }}\n")
+    cfg = tiny_config(f"templates={folder}", *extra)
+    made_sft(cfg, tiny_model_dir)
+    with pytest.raises(CaiError, match=f"{name}.*no_such_variable"):
+        importlib.import_module(f"cai.stages.{stage}").run(cfg)
+    assert not (Path(cfg.output_dir) / stage).exists()

@@ -70,7 +70,8 @@ def run(cfg: Config) -> Path:
         raise CaiError(f"{cfg.constitution}: the constitution has no comparison principles; the prefs stage needs at least one")
     templates = Templates(cfg.templates)
     # Render every template the stage uses once, so that a broken one fails here, not mid-run.
-    probe = PairItem("probe", [{"role": "user", "content": "x"}], "a", "b")
+    policy_input(templates, "x", cfg.policy.system_prompt)
+    probe = PairItem("probe", conversation("x"), "a", "b")
     few_shot_turns(constitution, templates, cfg.prefs.chain_of_thought)
     comparison_messages(templates, [], probe, "q", "ab", chain_of_thought=cfg.prefs.chain_of_thought)
     comparison_messages(templates, [], probe, "q", "ab", reasoning="r", chain_of_thought=cfg.prefs.chain_of_thought)

@@ -50,7 +50,12 @@ def check_reward(cfg: Config) -> None:
     """Before anything is written: rm/ exists when it is the reward, a callable imports."""
     if cfg.rl.reward == "rm":
         require_done(cfg, "rm", "rl with rl.reward=rm")
-    elif cfg.rl.reward != "direct":
+    elif cfg.rl.reward == "direct":  # the rating template renders before any model loads
+        from cai.chat import conversation
+        from cai.templates import Templates
+
+        Templates(cfg.templates).render("score.jinja", conversation=conversation("x"), response="y", principles=["p"])
+    else:
         reward_callable(cfg.rl.reward)
 
 
