@@ -55,7 +55,8 @@ class Templates:
             raise CaiError(f"{err.filename or name}: line {err.lineno}: template syntax error: {err.message}") from None
         except jinja2.UndefinedError as err:
             given = ", ".join(sorted(variables)) or "none"
-            raise CaiError(f"{self.path_of(name)}: {err.message} (variables given: {given})") from None
+            where = self.path_of(name) if self.dirs else name
+            raise CaiError(f"{where}: {err.message} (variables given: {given})") from None
 
     def source(self, name: str) -> str:
         """The text of template `name` as this folder resolves it, to be kept beside an artifact."""
