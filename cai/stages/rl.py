@@ -62,13 +62,10 @@ from cai.rl import (
     truncate_after_eos,
     value_loss,
 )
-from cai.stages import Stage, open_stage, require_done, stage_dir
 from cai.seeding import stable_seed
+from cai.stages import Stage, open_stage, require_done, stage_dir
 from cai.stages.rl_models import RewardFn, build_models, check_reward, load_reward_fn, score
 from cai.templates import Templates
-
-# The refusal monitor counts `is_refusal` on helpful prompts (over-refusal is the usual way a
-# harmlessness reward is hacked), the same count as the evaluation's refusal markers.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,6 +286,7 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
         "ended_frac": float(accelerator.gather(ended.float()).mean()),
         "length_reward_corr": pearson(gathered[:, 0].cpu(), gathered[:, 2].cpu()),
         "distinct_2": distinct_token_ngrams(tokens_all, 2),
+        # over-refusal is the usual way a harmlessness reward is hacked; counted as eval's refusal markers are
         "refusal_rate_helpful": sum(map(is_refusal, helpful)) / len(helpful) if helpful else 0.0,
         "episodes": int(gathered.shape[0]),
         "seconds": time.perf_counter() - started,
