@@ -1,4 +1,6 @@
-"""The rl stage's models and reward: what PPO trains, what it compares against, what scores it.
+"""The rl stage's models and reward: what PPO trains, what it compares against, what scores it, and
+what the trained policy answers for the report. Shared by rl.py (PPO) and rl_trl.py (DPO, GRPO, RLOO),
+so it lives below the stages.
 
 - The policy is the SFT model. Without LoRA the reference is a second, frozen copy of it; with LoRA
   the reference is the policy with its adapter disabled (one copy of the weights).
@@ -9,6 +11,9 @@
 - The reward is `rm/` (cai.rewards.RewardModelScorer: normalised scores, re-tokenized text, so a reward
   model with another tokenizer works), the labeler's direct score, or any callable
   `(prompts, answers) -> list[float]` named `module.path:function`.
+- Precision: what trains (the policy, the value model and its head, LoRA adapters) keeps float32
+  master weights; bf16/fp16 is the compute precision, applied by accelerate's autocast
+  (`mixed_precision`). Frozen weights (the reference, a LoRA base) are stored in the compute dtype.
 Every model has dropout off and stays in eval mode.
 """
 
