@@ -229,7 +229,9 @@ class RLConfig(Section):
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     reward_clip: float | None = Field(5.0, gt=0, description="Clamp scores to [-x, x] before the KL penalty (None = off).")
     unfinished_score: float | None = Field(
-        None, description="Score given to answers that never emit EOS (e.g. -1.0); None keeps their reward."
+        -1.0,
+        description="Score that replaces the reward of an answer cut at the length limit (no EOS), as Huang et al. "
+        "2024 do (TRL: missing_eos_penalty); the reward would score it as finished. null keeps their reward.",
     )
     whiten_rewards: bool = Field(False, description="Scale the shaped rewards to unit variance before GAE.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (None = off).")

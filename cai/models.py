@@ -385,7 +385,7 @@ def load_model_and_tokenizer(name: str, cfg, shared: dict | None = None):
 # a repetition penalty, top_k or min_p), and keyword arguments are the one way to set a value, None
 # included, that it does not overwrite.
 _PROCESSORS_OFF = dict(
-    top_k=None, min_p=None, top_h=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+    top_k=0, min_p=None, top_h=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
     repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
     bad_words_ids=None, sequence_bias=None, suppress_tokens=None, begin_suppress_tokens=None,
     min_length=0, min_new_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
