@@ -35,7 +35,10 @@ class PolicyConfig(Section):
     batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
     system_prompt: str | None = Field(None, description="Optional system message put before every prompt.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype: auto = float32 on CPU, bfloat16 on GPU."
+        "auto",
+        description="Compute precision: auto = float32 on CPU, bfloat16 on a GPU that has it. Models that train keep "
+        "float32 weights and compute in this dtype under autocast; models that only sample or stay frozen are "
+        "stored in it.",
     )
 
 

@@ -102,6 +102,17 @@ def save_tiny_reward_model(folder: Path, mean: float = 0.5, std: float = 2.0, ex
     return folder
 
 
+def with_shipped_sampling_defaults(cfg):
+    """cfg, its sft/ replaced by a tiny model whose generation_config sets a repetition penalty, top-k, min-p..."""
+    from tests.tiny import save_tiny_model_with_sampling_defaults
+
+    sft_dir = Path(cfg.output_dir) / "sft"
+    shutil.rmtree(sft_dir)
+    save_tiny_model_with_sampling_defaults(sft_dir)
+    mark_done(sft_dir, "test")
+    return cfg
+
+
 def run_rl(cfg):
     """The rl stage as `cai rl` runs it: rl.py for ppo, rl_trl.py for dpo, grpo and rloo."""
     return run_stage("rl", cfg)
@@ -203,14 +214,9 @@ def test_old_log_probs_are_a_forward_pass_at_the_temperature_whatever_the_genera
     """A model whose generation_config sets a repetition penalty, top-k, min-p...: the old log-probs PPO
     records are those of softmax(logits / T) (the first ratio is 1), and the answers are drawn from it."""
     from tests.test_models import assert_drawn_from_tempered_logits, record_generate
-    from tests.tiny import save_tiny_model_with_sampling_defaults
 
-    cfg = rl_config("rl.steps=1", "rl.batch_size=4", "rl.minibatch_size=4", "rl.ppo_epochs=1", "rl.temperature=0.7",
-                    "rl.max_new_tokens=12", "rl.samples=0")
-    sft_dir = Path(cfg.output_dir) / "sft"
-    shutil.rmtree(sft_dir)
-    save_tiny_model_with_sampling_defaults(sft_dir)
-    mark_done(sft_dir, "test")
+    cfg = with_shipped_sampling_defaults(rl_config("rl.steps=1", "rl.batch_size=4", "rl.minibatch_size=4", "rl.ppo_epochs=1",
+                                                   "rl.temperature=0.7", "rl.max_new_tokens=12", "rl.samples=0"))
     first_minibatch = []
     real_policy_loss = rl.policy_loss
 
@@ -581,14 +587,9 @@ def test_trl_algorithms_train_float32_master_weights_under_the_gpu_precision(rl_
 
 def test_grpo_samples_without_the_generation_config_penalties(rl_config, monkeypatch):
     from tests.test_models import assert_drawn_from_tempered_logits, record_generate
-    from tests.tiny import save_tiny_model_with_sampling_defaults
 
-    cfg = rl_config("rl.algorithm=grpo", "rl.steps=1", "rl.batch_size=4", "rl.group_size=2", "rl.ppo_epochs=1",
-                    "rl.temperature=0.7", "rl.samples=0")
-    sft_dir = Path(cfg.output_dir) / "sft"
-    shutil.rmtree(sft_dir)
-    save_tiny_model_with_sampling_defaults(sft_dir)
-    mark_done(sft_dir, "test")
+    cfg = with_shipped_sampling_defaults(rl_config("rl.algorithm=grpo", "rl.steps=1", "rl.batch_size=4", "rl.group_size=2",
+                                                   "rl.ppo_epochs=1", "rl.temperature=0.7", "rl.samples=0"))
     generated = record_generate(monkeypatch)
     run_rl(cfg)
     assert generated
