@@ -594,3 +594,18 @@ def test_grpo_samples_without_the_generation_config_penalties(rl_config, monkeyp
     run_rl(cfg)
     assert generated
     assert_drawn_from_tempered_logits(generated[0], 0.7)
+
+
+@pytest.mark.parametrize("reward, reruns", [("direct", True), ("rm", False)])
+def test_editing_score_jinja_reruns_rl_only_when_the_labeler_scores_answers(tmp_path, reward, reruns):
+    from cai.stages import stage_fingerprint
+    from cai.templates import SHIPPED_PROMPTS
+
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    cfg = load_config(None, [f"rl.reward={reward}", f"templates={folder}"])
+    before = {stage: stage_fingerprint(cfg, stage) for stage in ("rm", "rl", "eval")}
+    (folder / "score.jinja").write_text((SHIPPED_PROMPTS / "score.jinja").read_text() + "\nRate strictly.\n")
+    after = {stage: stage_fingerprint(cfg, stage) for stage in ("rm", "rl", "eval")}
+    assert after["rm"] == before["rm"]
+    assert (after["rl"] != before["rl"]) is reruns and (after["eval"] != before["eval"]) is reruns

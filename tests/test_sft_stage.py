@@ -76,8 +76,8 @@ def test_gpu_precision_trains_float32_master_weights_with_bf16_compute(tiny_conf
 
     monkeypatch.setattr(sft, "build_trainer", build_and_keep)
     out = sft.run(cfg)
-    assert trainers[0].args.bf16 is True
     assert {p.dtype for p in trainers[0].model.parameters()} == {torch.float32}
+    assert trainers[0].args.bf16 is True
     before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert {t.dtype for t in after.values()} == {torch.float32}
     names = [k for k in before if ".layers." in k]
