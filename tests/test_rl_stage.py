@@ -609,3 +609,26 @@ def test_editing_score_jinja_reruns_rl_only_when_the_labeler_scores_answers(tmp_
     after = {stage: stage_fingerprint(cfg, stage) for stage in ("rm", "rl", "eval")}
     assert after["rm"] == before["rm"]
     assert (after["rl"] != before["rl"]) is reruns and (after["eval"] != before["eval"]) is reruns
+
+
+def test_no_stage_imports_another_and_nothing_below_imports_a_stage():
+    """Layers stay one-way: what stages share lives in modules below them (cai/training.py,
+    cai/policy_models.py, ...); `cai rl` picks rl_trl.py for dpo/grpo/rloo (cli.run_stage)."""
+    import ast
+
+    package = ROOT / "cai"
+    stage_modules = {p.stem for p in (package / "stages").glob("*.py") if p.stem != "__init__"}
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.name == "cli.py":
+            continue  # the command line runs the stages
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            imported = {n.split(".")[2] for n in names if n.startswith("cai.stages.") and n.count(".") >= 2}
+            if imported & stage_modules - {path.stem}:
+                offenders.append(f"{path.relative_to(ROOT)} imports {sorted(imported & stage_modules)}")
+    assert offenders == []

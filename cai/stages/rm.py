@@ -28,7 +28,7 @@ import torch
 
 from cai.config import Config
 from cai.errors import CaiError
-from cai.preferences import check_preference_dataset
+from cai.preferences import check_preference_dataset, expected_calibration_error
 from cai.records import atomic_write_json, read_jsonl
 from cai.rewards import NORMALIZATION, SCORING, conversation, score_conversations
 from cai.stages import open_stage, require_done
@@ -100,23 +100,6 @@ def split_dataset(dataset, eval_fraction: float, seed: int):
         return dataset, dataset.select([])
     kept = set(held_out)
     return dataset.select([i for i in range(len(dataset)) if i not in kept]), dataset.select(sorted(held_out))
-
-
-def expected_calibration_error(probs: list[float], outcomes: list[float], bins: int = 10) -> float | None:
-    """ECE of binary predictions: confidence max(p, 1 - p) against how often the predicted side is right.
-
-    `outcomes` are 1 when the first side is right, 0 when the second is (0.5 for a tie counts half).
-    """
-    if not probs:
-        return None
-    buckets: list[list[tuple[float, float]]] = [[] for _ in range(bins)]
-    for p, y in zip(probs, outcomes):
-        confidence = max(p, 1.0 - p)
-        correct = y if p >= 0.5 else 1.0 - y
-        buckets[min(int((confidence - 0.5) * 2 * bins), bins - 1)].append((confidence, correct))
-    return sum(
-        len(b) / len(probs) * abs(sum(c for c, _ in b) / len(b) - sum(r for _, r in b) / len(b)) for b in buckets if b
-    )
 
 
 def distribution(values: list[float]) -> dict:
