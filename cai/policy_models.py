@@ -105,8 +105,8 @@ def _backbone(causal_lm):
 class PolicyAndValue(torch.nn.Module):
     """What PPO trains, as one module so that accelerate wraps (DDP) and checkpoints it as one.
 
-    `forward` returns the policy logits that predicted the last `n` tokens [B, n, V] (None when
-    `with_logits` is false) and the values of the states before them [B, n]. With LoRA, `policy` is a
+    `forward` returns the policy logits that predicted the last `n` tokens [B, n, V] and the values of
+    the states before them [B, n]. With LoRA, `policy` is a
     peft model with two adapters, "default" (the policy) and "value", on one base; the value pass runs
     the base with the value adapter.
     """
@@ -126,11 +126,9 @@ class PolicyAndValue(torch.nn.Module):
         for layer in self._lora_layers:
             layer._active_adapter = name
 
-    def forward(self, input_ids, attention_mask, n: int, with_logits: bool = True):
+    def forward(self, input_ids, attention_mask, n: int):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask))
-        logits = None
-        if with_logits:
-            logits = self.policy(**kwargs, logits_to_keep=n + 1, use_cache=False).logits[:, :-1]
+        logits = self.policy(**kwargs, logits_to_keep=n + 1, use_cache=False).logits[:, :-1]
         if self.lora:
             self.use_adapter("value")
             hidden = _backbone(self.policy)(**kwargs, use_cache=False).last_hidden_state

@@ -572,14 +572,25 @@ def test_answers_cut_at_the_length_limit_get_a_penalty_by_default(rl_config):
     assert metrics(cfg)[0]["raw_score_mean"] != -1.0
 
 
-def test_trl_algorithms_train_float32_master_weights_under_the_gpu_precision(rl_config, tiny_model_dir):
+def test_trl_algorithms_train_float32_master_weights_under_the_gpu_precision(rl_config, tiny_model_dir, monkeypatch):
     """dpo/grpo/rloo load the SFT model once, the same way: float32, with TRL's bf16=True compute."""
     from safetensors.torch import load_file
 
+    import trl
+
+    references = []
+
+    class RecordingDPOTrainer(trl.DPOTrainer):
+        def __init__(self, *args, ref_model=None, **kwargs):
+            references.append(ref_model)
+            super().__init__(*args, ref_model=ref_model, **kwargs)
+
+    monkeypatch.setattr(trl, "DPOTrainer", RecordingDPOTrainer)
     cfg = rl_config("policy.dtype=bfloat16", "rl.algorithm=dpo", "rl.steps=1", "rl.batch_size=2", "rl.learning_rate=1e-5",
                     "rl.samples=0")
     save_preferences(cfg, [0.9] * 4)
     out = run_rl(cfg)
+    assert {p.dtype for p in references[0].parameters()} == {torch.bfloat16}  # frozen: stored in bf16
     before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert {t.dtype for t in after.values()} == {torch.float32}
     assert layer_weights_changed(before, after) > 0.9

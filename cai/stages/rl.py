@@ -58,7 +58,6 @@ from cai.rl import (
     gae,
     kl_penalty_per_token,
     logprobs_from_logits,
-    masked_mean,
     masked_whiten,
     pearson,
     policy_loss,

@@ -137,7 +137,10 @@ def run(cfg: Config) -> Path:
         # 1/(1 - 2ε) factor is 50 when a weak labeler's mean doubt is 0.49.
         loss = rl.dpo_soft_loss if smoothing > 0 else "sigmoid"
         args = DPOConfig(**common_args(cfg, checkpoints), beta=rl.dpo_beta, label_smoothing=smoothing, loss_type=[loss])
-        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+        # The frozen reference is stored in the compute dtype (bf16 on a GPU); with LoRA it is the base.
+        reference = None if rl.lora else load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=cfg.policy.dtype).requires_grad_(False)
+        trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config)
         print(f"[rl] dpo ({loss} loss) on {len(dataset)} pairs, beta {rl.dpo_beta}, label smoothing {smoothing:.3f}")
     else:
         from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
