@@ -402,6 +402,10 @@ def sampling_kwargs(temperature: float, top_p: float = 1.0) -> dict:
     This is what cai means by sampling from a policy: PPO's old log-probs and KL assume it, and the SL,
     preference and evaluation answers are drawn the same way.
     """
+    from transformers import GenerationConfig
+
+    known = vars(GenerationConfig())  # a setting this transformers lacks would reach the model's forward
+    off = {key: value for key, value in _PROCESSORS_OFF.items() if key in known}
     if temperature > 0:
-        return dict(_PROCESSORS_OFF, do_sample=True, temperature=float(temperature), top_p=float(top_p))
-    return dict(_PROCESSORS_OFF, do_sample=False, temperature=None, top_p=None)
+        return dict(off, do_sample=True, temperature=float(temperature), top_p=float(top_p))
+    return dict(off, do_sample=False, temperature=None, top_p=None)
