@@ -487,9 +487,10 @@ def test_a_tokenizer_that_pads_with_eos_is_refused(rl_config, monkeypatch):
 
 
 def layer_weights_changed(before: dict, after: dict) -> float:
-    """The share of the transformer layers' weights (every one gets a gradient) that an update moved."""
+    """The share of the transformer layers' weights (every one gets a gradient) that an update moved
+    (`before` as the model held it: in `after`'s dtype)."""
     names = [k for k in before if ".layers." in k]
-    moved = sum(int((after[k].float() != before[k].float()).sum()) for k in names)
+    moved = sum(int((after[k] != before[k].to(after[k].dtype)).sum()) for k in names)
     return moved / sum(before[k].numel() for k in names)
 
 
