@@ -129,7 +129,9 @@ class SFTConfig(Section):
     assistant_only_loss: bool = Field(
         True, description="Loss on assistant turns only, where the chat template marks them."
     )
-    bf16: bool | None = Field(None, description="Train in bf16 (None = on when a GPU supports it).")
+    bf16: bool | None = Field(
+        None, description="Compute in bf16 on float32 weights (None = as policy.dtype says: on when a GPU supports it)."
+    )
     activation_checkpointing: bool | None = Field(
         None, description="Recompute activations in the backward pass to save memory (None = on with a GPU)."
     )
@@ -191,7 +193,9 @@ class RMConfig(Section):
     lora: bool = Field(False, description="Train a LoRA adapter (peft) plus the head instead of all weights.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
-    bf16: bool | None = Field(None, description="Train in bf16 (None = on when a GPU supports it).")
+    bf16: bool | None = Field(
+        None, description="Compute in bf16 on float32 weights (None = as policy.dtype says: on when a GPU supports it)."
+    )
     activation_checkpointing: bool | None = Field(
         None, description="Recompute activations in the backward pass to save memory (None = on with a GPU)."
     )
