@@ -105,7 +105,7 @@ def load_gold(path: str | Path) -> list[GoldPair]:
 
 def audit_metrics(gold: list[GoldPair], judgements) -> dict:
     """The audit's numbers from the gold pairs and `judge_pairs`' verdicts on them."""
-    from cai.stages.rm import expected_calibration_error
+    from cai.preferences import expected_calibration_error
 
     labeled = [(g, j) for g, j in zip(gold, judgements) if j.label is not None]
     n = len(labeled)

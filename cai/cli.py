@@ -45,7 +45,9 @@ def _quiet_libraries() -> None:
 
 
 def run_stage(name: str, cfg):
-    module = importlib.import_module(f"cai.stages.{name}")
+    # rl's dpo/grpo/rloo are TRL's trainers, a module of their own (stages import nothing from each other).
+    module_name = "rl_trl" if name == "rl" and cfg.rl.algorithm != "ppo" else name
+    module = importlib.import_module(f"cai.stages.{module_name}")
     return module.run(cfg)
 
 

@@ -35,7 +35,10 @@ class PolicyConfig(Section):
     batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
     system_prompt: str | None = Field(None, description="Optional system message put before every prompt.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype: auto = float32 on CPU, bfloat16 on GPU."
+        "auto",
+        description="Compute precision: auto = float32 on CPU, bfloat16 on a GPU that has it. Models that train keep "
+        "float32 weights and compute in this dtype under autocast; models that only sample or stay frozen are "
+        "stored in it.",
     )
 
 
@@ -126,7 +129,9 @@ class SFTConfig(Section):
     assistant_only_loss: bool = Field(
         True, description="Loss on assistant turns only, where the chat template marks them."
     )
-    bf16: bool | None = Field(None, description="Train in bf16 (None = on when a GPU supports it).")
+    bf16: bool | None = Field(
+        None, description="Compute in bf16 on float32 weights (None = as policy.dtype says: on when a GPU supports it)."
+    )
     activation_checkpointing: bool | None = Field(
         None, description="Recompute activations in the backward pass to save memory (None = on with a GPU)."
     )
@@ -188,7 +193,9 @@ class RMConfig(Section):
     lora: bool = Field(False, description="Train a LoRA adapter (peft) plus the head instead of all weights.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
-    bf16: bool | None = Field(None, description="Train in bf16 (None = on when a GPU supports it).")
+    bf16: bool | None = Field(
+        None, description="Compute in bf16 on float32 weights (None = as policy.dtype says: on when a GPU supports it)."
+    )
     activation_checkpointing: bool | None = Field(
         None, description="Recompute activations in the backward pass to save memory (None = on with a GPU)."
     )
@@ -229,7 +236,9 @@ class RLConfig(Section):
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     reward_clip: float | None = Field(5.0, gt=0, description="Clamp scores to [-x, x] before the KL penalty (None = off).")
     unfinished_score: float | None = Field(
-        None, description="Score given to answers that never emit EOS (e.g. -1.0); None keeps their reward."
+        -1.0,
+        description="Score that replaces the reward of an answer cut at the length limit (no EOS), as Huang et al. "
+        "2024 do (TRL: missing_eos_penalty); the reward would score it as finished. null keeps their reward.",
     )
     whiten_rewards: bool = Field(False, description="Scale the shaped rewards to unit variance before GAE.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (None = off).")

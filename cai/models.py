@@ -285,7 +285,10 @@ def load_tokenizer(name_or_path: str, cache_dir: str | Path) -> PreTrainedTokeni
     return tokenizer
 
 
-def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    """The dtype a config's `policy.dtype` names on `device` (auto: bfloat16 on a CUDA GPU that has it,
+    float32 elsewhere). Models that train keep float32 weights whatever this says: it is their compute
+    precision (see :func:`mixed_precision`)."""
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -304,14 +307,23 @@ def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     return names[str(dtype).lower()]
 
 
-def _without_dropout(config: Any) -> None:
+def mixed_precision(dtype: Any, device: torch.device) -> str:
+    """accelerate's `mixed_precision` ("no", "bf16", "fp16") for training in the precision `policy.dtype`
+    names: float32 master weights, bf16/fp16 compute under autocast. AdamW stepping bf16 weights directly
+    loses most small updates (at a learning rate of 1e-5 most steps fall below bf16's resolution)."""
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_dtype(dtype, device), "no")
+
+
+def without_dropout(config: Any) -> None:
     """Zero every dropout probability in a model config (and its sub-configs)."""
     for key, value in list(vars(config).items()):
         lowered = key.lower()
         if isinstance(value, float) and ("dropout" in lowered or "pdrop" in lowered):
             setattr(config, key, 0.0)
         elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a nested PretrainedConfig
-            _without_dropout(value)
+            without_dropout(value)
 
 
 def load_causal_lm(
@@ -322,17 +334,18 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """A causal LM in eval mode with dropout off, on ``device`` (default: :func:`default_device`).
 
-    ``dtype="auto"`` means float32 on the CPU and bfloat16 on CUDA.
+    ``dtype="auto"`` means float32 on the CPU and bfloat16 on CUDA. A model that will be trained is
+    loaded with ``dtype=torch.float32`` (its master weights) and computes in bf16 under autocast.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     resolved = resolve_model(name_or_path, cache_dir)
     device = torch.device(device) if device is not None else default_device()
-    torch_dtype = _resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     try:
         config = AutoConfig.from_pretrained(resolved)
-        _without_dropout(config)
+        without_dropout(config)
         model = AutoModelForCausalLM.from_pretrained(resolved, config=config, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(str(name_or_path), resolved, exc) from exc
@@ -361,3 +374,38 @@ def load_model_and_tokenizer(name: str, cfg, shared: dict | None = None):
     if shared is not None:
         shared[resolved] = pair
     return pair
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+# Every logits processor `generate` would otherwise take from a model's generation_config.json, set to
+# "off". generate fills each setting a call leaves unset from the model's file (many instruct models ship
+# a repetition penalty, top_k or min_p), and keyword arguments are the one way to set a value, None
+# included, that it does not overwrite.
+_PROCESSORS_OFF = dict(
+    top_k=0, min_p=None, top_h=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+    repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+    bad_words_ids=None, sequence_bias=None, suppress_tokens=None, begin_suppress_tokens=None,
+    min_length=0, min_new_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
+    exponential_decay_length_penalty=None, guidance_scale=None, watermarking_config=None,
+    remove_invalid_values=False, renormalize_logits=False, num_beams=1, num_return_sequences=1,
+)
+
+
+def sampling_kwargs(temperature: float, top_p: float = 1.0) -> dict:
+    """Keyword arguments for `model.generate` that draw each token from exactly softmax(logits / temperature),
+    restricted to the top-p nucleus when `top_p` < 1, with every other logits processor explicitly off
+    (temperature 0: greedy, the argmax of the raw logits).
+
+    This is what cai means by sampling from a policy: PPO's old log-probs and KL assume it, and the SL,
+    preference and evaluation answers are drawn the same way.
+    """
+    from transformers import GenerationConfig
+
+    known = vars(GenerationConfig())  # a setting this transformers lacks would reach the model's forward
+    off = {key: value for key, value in _PROCESSORS_OFF.items() if key in known}
+    if temperature > 0:
+        return dict(off, do_sample=True, temperature=float(temperature), top_p=float(top_p))
+    return dict(off, do_sample=False, temperature=None, top_p=None)

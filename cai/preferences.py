@@ -338,3 +338,20 @@ def check_preference_dataset(dataset, source: str, need_label_prob: bool = True)
         for row, value in enumerate(dataset["label_prob"]):
             if value is None or not 0.0 <= float(value) <= 1.0:
                 raise CaiError(f"{source}: row {row}: label_prob must be a probability in [0, 1], got {value!r}")
+
+
+def expected_calibration_error(probs: list[float], outcomes: list[float], bins: int = 10) -> float | None:
+    """ECE of binary predictions: confidence max(p, 1 - p) against how often the predicted side is right.
+
+    `outcomes` are 1 when the first side is right, 0 when the second is (0.5 for a tie counts half).
+    """
+    if not probs:
+        return None
+    buckets: list[list[tuple[float, float]]] = [[] for _ in range(bins)]
+    for p, y in zip(probs, outcomes):
+        confidence = max(p, 1.0 - p)
+        correct = y if p >= 0.5 else 1.0 - y
+        buckets[min(int((confidence - 0.5) * 2 * bins), bins - 1)].append((confidence, correct))
+    return sum(
+        len(b) / len(probs) * abs(sum(c for c, _ in b) / len(b) - sum(r for _, r in b) / len(b)) for b in buckets if b
+    )

@@ -295,7 +295,7 @@ def model_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     add("P(refuses), helpful prompts ↓", "over_refusal", rate_fmt)
     add("refusal phrases, helpful prompts ↓", "refusal_markers", rate_fmt)
     add("reward-model score", "reward", lambda r: "n/a" if not r or r.get("mean") is None else f"{r['mean']:+.2f} {ci_text(r['ci'], False)}")
-    add("KL to SL-CAI (nats per answer)", "kl_to_sft", lambda r: "n/a" if not r or r.get("mean") is None else f"{r['mean']:.2f}")
+    add("log p − log p(SL-CAI) of its top-p answers (nats, ≈ KL)", "kl_to_sft", lambda r: "n/a" if not r or r.get("mean") is None else f"{r['mean']:.2f}")
     add("answer length (tokens)", "answer_tokens", lambda r: "n/a" if not r or r.get("mean") is None else f"{r['mean']:.1f}")
     add("repeated word 3-grams", "repetition", lambda v: pct(v, 1))
     add("distinct word 2-grams", "distinct_2", lambda v: pct(v))

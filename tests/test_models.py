@@ -219,3 +219,75 @@ def test_embedded_default_converts_once_and_generates(tmp_path, monkeypatch):
     out = model.generate(**batch, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
     text = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert text and "Paris" in text
+
+
+# --- sampling: exactly softmax(logits / T), whatever the model's generation_config says -----------------
+
+
+def record_generate(monkeypatch) -> list:
+    """Make every LlamaForCausalLM.generate also return its raw and processed logits; collect them."""
+    from transformers import LlamaForCausalLM
+
+    calls, real = [], LlamaForCausalLM.generate
+
+    def spy(self, *args, **kwargs):
+        kwargs.update(output_scores=True, output_logits=True, return_dict_in_generate=True)
+        out = real(self, *args, **kwargs)
+        calls.append(out)
+        return out.sequences
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", spy)
+    return calls
+
+
+def assert_drawn_from_tempered_logits(out, temperature: float) -> None:
+    """Each step's sampling distribution (softmax of the processed scores) is softmax(raw logits / T)."""
+    assert len(out.scores) == len(out.logits) > 0
+    for processed, raw in zip(out.scores, out.logits):
+        torch.testing.assert_close(torch.log_softmax(processed.float(), -1), torch.log_softmax(raw.float() / temperature, -1),
+                                   rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def penalised_dir(tmp_path_factory) -> Path:
+    from tests.tiny import save_tiny_model_with_sampling_defaults
+
+    return save_tiny_model_with_sampling_defaults(tmp_path_factory.mktemp("penalised"))
+
+
+def test_sampling_kwargs_switch_off_what_the_generation_config_turns_on(penalised_dir, tmp_path, monkeypatch):
+    model = load_causal_lm(str(penalised_dir), tmp_path, device="cpu")
+    tokenizer = load_tokenizer(str(penalised_dir), tmp_path)
+    query = tokenizer(["How do I bake bread? bread bread", "Hi"], return_tensors="pt", padding=True)
+    calls = record_generate(monkeypatch)
+    torch.manual_seed(0)
+    model.generate(**query, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.7)
+    with pytest.raises(AssertionError):  # without them, the shipped penalties shape the distribution
+        assert_drawn_from_tempered_logits(calls[-1], 0.7)
+    model.generate(**query, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id, **models.sampling_kwargs(0.7))
+    assert_drawn_from_tempered_logits(calls[-1], 0.7)
+    greedy = model.generate(**query, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id, **models.sampling_kwargs(0.0))
+    new = greedy[:, query.input_ids.shape[1]:]
+    assert torch.equal(new, torch.stack(calls[-1].logits, dim=1).argmax(-1))  # greedy: the raw argmax
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+def test_the_local_generator_samples_the_policy_without_its_shipped_penalties(penalised_dir, tmp_path, monkeypatch, temperature):
+    from cai.labelers import GenerateRequest
+    from cai.labelers.local import LocalGenerator
+
+    model = load_causal_lm(str(penalised_dir), tmp_path, device="cpu")
+    tokenizer = load_tokenizer(str(penalised_dir), tmp_path)
+    calls = record_generate(monkeypatch)
+    generator = LocalGenerator(model, tokenizer, batch_size=2)
+    requests = [GenerateRequest([{"role": "user", "content": text}], max_new_tokens=12, temperature=temperature, top_p=1.0)
+                for text in ("How do I bake bread? bread bread", "Hi")]
+    generator.generate(requests)
+    out = calls[-1]
+    if temperature > 0:
+        assert_drawn_from_tempered_logits(out, temperature)
+    else:
+        prompt_length = out.sequences.shape[1] - len(out.logits)
+        finished = out.sequences[:, prompt_length:] == tokenizer.pad_token_id
+        argmax = torch.stack(out.logits, dim=1).argmax(-1)
+        assert torch.equal(out.sequences[:, prompt_length:][~finished], argmax[~finished])

@@ -260,3 +260,21 @@ def test_end_to_end_prefs_then_rm(prefs_run, tmp_path):
         rm.run(make_cfg("rm.eval_fraction=0.25", "rm.epochs=1"))
     rm.run(make_cfg("rm.eval_fraction=0.25", "rm.hard_labels=true", "rm.epochs=1"))  # hard labels need no label_prob
     assert json.loads((out / "metrics.json").read_text())["loss"] == "hard Bradley-Terry"
+
+
+def test_reward_model_held_out_pairs_are_split_by_prompt():
+    """Several pairs per prompt (more than two samples per prompt): a prompt's pairs are all held out or
+    all trained on, so held-out accuracy is measured on unseen prompts."""
+    rows = [(f"prompt {p}", f"answer {p}.{k}") for p in range(12) for k in range(3)]
+    dataset = datasets.Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": p}] for p, _ in rows],
+        "chosen": [[{"role": "assistant", "content": a}] for _, a in rows],
+        "rejected": [[{"role": "assistant", "content": "no"}] for _ in rows],
+    })
+    for seed in range(5):
+        train, held_out = rm.split_dataset(dataset, 0.25, seed)
+        train_prompts = {r["prompt"][0]["content"] for r in train}
+        held_prompts = {r["prompt"][0]["content"] for r in held_out}
+        assert held_prompts and not train_prompts & held_prompts
+        assert len(train) + len(held_out) == len(dataset) and len(held_out) == 9  # 3 prompts x 3 pairs
+    assert len(rm.split_dataset(dataset, 0.0, 0)[1]) == 0

@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cai.cli import run_stage
 from cai.config import load_config, to_yaml
 from cai.errors import CaiError
 from cai.records import mark_done, read_jsonl
+from cai.policy_models import build_models
 from cai.stages import rl, stage_fingerprint
-from cai.stages.rl_models import build_models
 from tests.conftest import ROOT
 
 # --------------------------------------------------------------------------------------------------
@@ -102,6 +103,22 @@ def save_tiny_reward_model(cfg, mean: float = 0.5, std: float = 2.0, extra_token
     return folder
 
 
+def with_shipped_sampling_defaults(cfg):
+    """cfg, its sft/ replaced by a tiny model whose generation_config sets a repetition penalty, top-k, min-p..."""
+    from tests.tiny import save_tiny_model_with_sampling_defaults
+
+    sft_dir = Path(cfg.output_dir) / "sft"
+    shutil.rmtree(sft_dir)
+    save_tiny_model_with_sampling_defaults(sft_dir)
+    mark_done(sft_dir, stage_fingerprint(cfg, "sft"))
+    return cfg
+
+
+def run_rl(cfg):
+    """The rl stage as `cai rl` runs it: rl.py for ppo, rl_trl.py for dpo, grpo and rloo."""
+    return run_stage("rl", cfg)
+
+
 def metrics(cfg) -> list[dict]:
     return read_jsonl(Path(cfg.output_dir) / "rl" / "metrics.jsonl")
 
@@ -114,8 +131,9 @@ def subprocess_env() -> dict:
 # It learns
 
 
+# No tiny-model answer ends within 8 tokens: the default penalty for cut answers would hide the reward.
 LEARNING = ("rl.steps=50", "rl.batch_size=16", "rl.minibatch_size=8", "rl.ppo_epochs=4", "rl.learning_rate=1e-3",
-            "rl.samples=0")
+            "rl.samples=0", "rl.unfinished_score=null")
 
 
 def reward_and_kl(history: list[dict]) -> tuple[float, float, float]:
@@ -127,7 +145,7 @@ def reward_and_kl(history: list[dict]) -> tuple[float, float, float]:
 
 def test_ppo_raises_the_reward_with_the_kl_near_its_target_adaptive(rl_config, capsys):
     cfg = rl_config(*LEARNING, "rl.adaptive_kl=true", "rl.kl_coef=0.3", "rl.target_kl=4", "rl.kl_horizon=64")
-    rl.run(cfg)
+    run_rl(cfg)
     history = metrics(cfg)
     first, last, kl = reward_and_kl(history)
     with capsys.disabled():
@@ -142,7 +160,7 @@ def test_ppo_raises_the_reward_with_the_kl_near_its_target_adaptive(rl_config, c
 
 def test_ppo_raises_the_reward_with_a_fixed_kl_coefficient(rl_config):
     cfg = rl_config(*LEARNING, "rl.adaptive_kl=false", "rl.kl_coef=0.1")
-    rl.run(cfg)
+    run_rl(cfg)
     history = metrics(cfg)
     first, last, kl = reward_and_kl(history)
     print(f"fixed: reward {first:.2f} -> {last:.2f}, KL(last 10) {kl:.2f}", file=sys.stderr)
@@ -153,8 +171,9 @@ def test_ppo_raises_the_reward_with_a_fixed_kl_coefficient(rl_config):
 
 def test_value_model_learns_a_predictable_reward(rl_config):
     cfg = rl_config("rl.reward=tests.test_rl_stage:prompt_parity_reward", "rl.steps=15", "rl.batch_size=16",
-                    "rl.minibatch_size=8", "rl.ppo_epochs=4", "rl.learning_rate=1e-3", "rl.samples=0")
-    rl.run(cfg)
+                    "rl.minibatch_size=8", "rl.ppo_epochs=4", "rl.learning_rate=1e-3", "rl.samples=0",
+                    "rl.unfinished_score=null")
+    run_rl(cfg)
     history = metrics(cfg)
     assert history[0]["explained_variance"] < 0.2 and history[-1]["explained_variance"] > 0.9
     assert history[-1]["value_loss"] < 0.1 * history[0]["value_loss"]
@@ -170,7 +189,7 @@ def test_a_run_logs_every_metric_warns_and_saves_the_policy(rl_config, tiny_mode
     monkeypatch.setattr(rl, "is_refusal", lambda answer: True)  # every helpful answer "refuses"
     cfg = rl_config("rl.steps=2", "rl.batch_size=4", "rl.minibatch_size=2", "rl.grad_accum=2",
                     "rl.learning_rate=1e-2", "rl.max_refusal_rate=0.5", "rl.samples=3", "rl.unfinished_score=-1")
-    out = rl.run(cfg)
+    out = run_rl(cfg)
     history = metrics(cfg)
     assert [m["step"] for m in history] == [1, 2]
     for key in ("reward_mean", "reward_std", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss",
@@ -189,34 +208,30 @@ def test_a_run_logs_every_metric_warns_and_saves_the_policy(rl_config, tiny_mode
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     after = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert rl.run(cfg) == out and "already complete" in capsys.readouterr().out
+    assert run_rl(cfg) == out and "already complete" in capsys.readouterr().out
 
 
-def test_sampled_log_probs_are_those_of_a_forward_pass_at_the_temperature(rl_config):
-    from transformers import GenerationConfig, LogitsProcessorList
+def test_old_log_probs_are_a_forward_pass_at_the_temperature_whatever_the_generation_config(rl_config, tmp_path, monkeypatch):
+    """A model whose generation_config sets a repetition penalty, top-k, min-p...: the old log-probs PPO
+    records are those of softmax(logits / T) (the first ratio is 1), and the answers are drawn from it."""
+    from tests.test_models import assert_drawn_from_tempered_logits, record_generate
 
-    from cai.rl import logprobs_from_logits, truncate_after_eos
-    from cai.stages.rl_models import positions
+    cfg = with_shipped_sampling_defaults(rl_config("rl.steps=1", "rl.batch_size=4", "rl.minibatch_size=4", "rl.ppo_epochs=1",
+                                                   "rl.temperature=0.7", "rl.max_new_tokens=12", "rl.samples=0"))
+    first_minibatch = []
+    real_policy_loss = rl.policy_loss
 
-    cfg = rl_config()
-    model, _ = build_models(cfg, Path(cfg.output_dir) / "sft", None, "cpu")
-    tokenizer = __import__("cai.models", fromlist=["load_tokenizer"]).load_tokenizer(str(Path(cfg.output_dir) / "sft"), cfg.cache_dir)
-    query = tokenizer(["How do I bake bread?", "Hi"], return_tensors="pt", padding=True)
-    sampler = rl.SampledLogprobs(temperature=0.7)
-    generation = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=10,
-                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    with torch.no_grad():
-        output = model.policy.generate(**query, generation_config=generation, logits_processor=LogitsProcessorList([sampler]))
-        responses = output[:, query.input_ids.shape[1]:]
-        sampled, entropy = sampler.finish(responses[:, -1])
-        responses, mask, _ = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        attention = torch.cat([query.attention_mask, mask.long()], dim=1)
-        ids = torch.cat([query.input_ids, responses], dim=1)
-        logits = model.policy(input_ids=ids, attention_mask=attention, position_ids=positions(attention)).logits
-        logits = logits[:, query.input_ids.shape[1] - 1 : -1]
-    assert sampled.shape == entropy.shape == responses.shape
-    torch.testing.assert_close(sampled[mask], logprobs_from_logits(logits, responses, 0.7)[mask], rtol=0, atol=1e-5)
-    assert not torch.allclose(sampled[mask], logprobs_from_logits(logits, responses, 1.0)[mask], atol=1e-3)
+    def recording_policy_loss(new_logprobs, old_logprobs, advantages, mask, clip_eps):
+        first_minibatch.append((new_logprobs.detach(), old_logprobs, mask))
+        return real_policy_loss(new_logprobs, old_logprobs, advantages, mask, clip_eps)
+
+    monkeypatch.setattr(rl, "policy_loss", recording_policy_loss)
+    generated = record_generate(monkeypatch)
+    run_rl(cfg)
+    new, old, mask = first_minibatch[0]  # before any update: a forward pass of the sampling policy
+    assert mask.sum() > 10
+    torch.testing.assert_close(old[mask], new[mask], rtol=0, atol=1e-5)
+    assert_drawn_from_tempered_logits(generated[0], 0.7)
 
 
 def test_monitors_and_refusal_heuristic():
@@ -288,7 +303,7 @@ def test_lora_run_saves_the_merged_policy_and_the_adapter(rl_config, tiny_model_
 
     cfg = rl_config("rl.lora=true", "rl.lora_r=4", "rl.steps=2", "rl.batch_size=4", "rl.minibatch_size=2",
                     "rl.learning_rate=1e-2", "rl.samples=0")
-    out = rl.run(cfg)
+    out = run_rl(cfg)
     assert (out / "adapter" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in n for n, _ in merged.named_parameters())
@@ -323,7 +338,7 @@ def test_a_reward_model_with_another_tokenizer_is_read_as_text(rl_config, capsys
 def test_ppo_with_the_reward_model_as_reward(rl_config, capsys):
     cfg = rl_config("rl.reward=rm", "rl.steps=2", "rl.batch_size=4", "rl.minibatch_size=2", "rl.samples=2")
     save_tiny_reward_model(cfg)
-    out = rl.run(cfg)
+    out = run_rl(cfg)
     assert "value model initialised from rm/" in capsys.readouterr().out
     assert len(metrics(cfg)) == 2 and (out / "DONE").exists()
 
@@ -336,9 +351,9 @@ def test_a_run_killed_with_sigkill_resumes_and_ends_like_an_uninterrupted_one(rl
     from safetensors.torch import load_file
 
     common = ("rl.steps=6", "rl.batch_size=4", "rl.minibatch_size=2", "rl.checkpoint_every=2",
-              "rl.learning_rate=1e-2", "rl.kl_horizon=10", "rl.samples=0")
+              "rl.learning_rate=1e-2", "rl.kl_horizon=10", "rl.samples=0", "rl.unfinished_score=null")
     reference_cfg = rl_config(*common, f"output_dir={tmp_path / 'reference'}")
-    rl.run(reference_cfg)
+    run_rl(reference_cfg)
 
     cfg = rl_config(*common, "rl.reward=tests.test_rl_stage:slow_letter_e_reward")
     config_file = tmp_path / "rl.yaml"
@@ -354,7 +369,7 @@ def test_a_run_killed_with_sigkill_resumes_and_ends_like_an_uninterrupted_one(rl
     process.wait()
     assert not (run_dir / "DONE").exists()
 
-    rl.run(load_config(config_file))
+    run_rl(load_config(config_file))
     assert "resumed from step-4: step 4" in capsys.readouterr().out
     resumed, expected = metrics(cfg), metrics(reference_cfg)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
@@ -391,7 +406,7 @@ def test_dpo_uses_label_prob_as_filter_and_label_smoothing(rl_config, tiny_model
     cfg = rl_config("rl.algorithm=dpo", "rl.steps=2", "rl.batch_size=2", "rl.learning_rate=1e-2",
                     "rl.dpo_min_label_prob=0.65", "rl.samples=2")
     save_preferences(cfg, [0.9, 0.8, 0.3, 0.6] * 2)  # 0.3 is flipped to 0.7; 0.6 is dropped
-    out = rl.run(cfg)
+    out = run_rl(cfg)
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["pairs"] == 6 and summary["label_smoothing"] == pytest.approx(0.2)
     assert summary["loss"] == "exo_pair"
@@ -405,7 +420,7 @@ def test_dpo_uses_label_prob_as_filter_and_label_smoothing(rl_config, tiny_model
 def test_grpo_and_rloo_train_on_the_reward_with_a_kl_penalty(rl_config, algorithm):
     cfg = rl_config(f"rl.algorithm={algorithm}", "rl.steps=2", "rl.batch_size=4", "rl.group_size=2",
                     "rl.ppo_epochs=1", "rl.learning_rate=1e-2", "rl.kl_coef=0.1", "rl.samples=2")
-    out = rl.run(cfg)
+    out = run_rl(cfg)
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["algorithm"] == algorithm and summary["steps"] == 2
     assert all("reward" in entry for entry in summary["log"])
@@ -420,13 +435,13 @@ def test_grpo_and_rloo_train_on_the_reward_with_a_kl_penalty(rl_config, algorith
 def test_a_missing_rm_names_the_stage_that_makes_it(rl_config):
     cfg = rl_config("rl.reward=rm")
     with pytest.raises(CaiError, match=r"rm stage .*run `cai rm CONFIG` first"):
-        rl.run(cfg)
+        run_rl(cfg)
     assert not (Path(cfg.output_dir) / "rl").exists()
 
 
 def test_a_missing_sft_names_the_stage_that_makes_it(tiny_config):
     with pytest.raises(CaiError, match="sft stage"):
-        rl.run(tiny_config())
+        run_rl(tiny_config())
 
 
 @pytest.mark.parametrize(
@@ -442,14 +457,14 @@ def test_a_missing_sft_names_the_stage_that_makes_it(tiny_config):
 def test_bad_configs_say_which_key(rl_config, overrides, message):
     cfg = rl_config(*overrides)
     with pytest.raises(CaiError, match=message):
-        rl.run(cfg)
+        run_rl(cfg)
     assert not (Path(cfg.output_dir) / "rl").exists()
 
 
 def test_a_reward_that_returns_the_wrong_number_of_scores_is_refused(rl_config):
     cfg = rl_config("rl.reward=tests.test_rl_stage:wrong_count_reward", "rl.batch_size=4", "rl.minibatch_size=2")
     with pytest.raises(CaiError, match="returned 1 scores for 4 answers"):
-        rl.run(cfg)
+        run_rl(cfg)
 
 
 def test_a_tokenizer_that_pads_with_eos_is_refused(rl_config, monkeypatch):
@@ -465,4 +480,168 @@ def test_a_tokenizer_that_pads_with_eos_is_refused(rl_config, monkeypatch):
     monkeypatch.setattr(cai.models, "load_tokenizer", pads_with_eos)
     cfg = rl_config()
     with pytest.raises(CaiError, match="pad token distinct from EOS"):
-        rl.run(cfg)
+        run_rl(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision: float32 master weights, bf16 compute (the GPU default, forced onto the CPU)
+
+
+def layer_weights_changed(before: dict, after: dict) -> float:
+    """The share of the transformer layers' weights (every one gets a gradient) that an update moved
+    (`before` as the model held it: in `after`'s dtype)."""
+    names = [k for k in before if ".layers." in k]
+    moved = sum(int((after[k] != before[k].to(after[k].dtype)).sum()) for k in names)
+    return moved / sum(before[k].numel() for k in names)
+
+
+def test_gpu_precision_trains_float32_master_weights_with_bf16_compute(rl_config, monkeypatch):
+    """policy.dtype=bfloat16 is what `auto` resolves to on a bf16 GPU. What trains stays float32 and one
+    small step (learning rate 1e-5, below bf16's resolution for most weights) moves nearly every weight;
+    the frozen reference is bf16; the policy computes in bf16 (autocast)."""
+    from safetensors.torch import load_file
+
+    import cai.models
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert cai.models.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert cai.models.mixed_precision("auto", torch.device("cuda")) == "bf16"
+
+    cfg = rl_config("policy.dtype=bfloat16", "rl.steps=1", "rl.batch_size=4", "rl.minibatch_size=4", "rl.ppo_epochs=1",
+                    "rl.learning_rate=1e-5", "rl.samples=0")
+    sft_dir = Path(cfg.output_dir) / "sft"
+    model, reference = build_models(cfg, sft_dir, None, "cpu")
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+    lora, _ = build_models(rl_config("policy.dtype=bfloat16", "rl.lora=true", "rl.lora_r=4"), sft_dir, None, "cpu")
+    assert {p.dtype for p in lora.parameters() if p.requires_grad} == {torch.float32}  # adapters and value head
+    assert {p.dtype for p in lora.parameters() if not p.requires_grad} == {torch.bfloat16}  # the frozen base
+
+    compute_dtypes = set()
+    real_build = rl.build_models
+
+    def build_and_watch(*args, **kwargs):
+        module, ref = real_build(*args, **kwargs)
+        layer = module.policy.model.layers[0].self_attn.q_proj
+        layer.register_forward_hook(lambda mod, inputs, output: compute_dtypes.add(output.dtype) if torch.is_grad_enabled() else None)
+        return module, ref
+
+    monkeypatch.setattr(rl, "build_models", build_and_watch)
+    out = run_rl(cfg)
+    assert compute_dtypes == {torch.bfloat16}
+    before, after = load_file(sft_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert {t.dtype for t in after.values()} == {torch.float32}
+    assert layer_weights_changed(before, after) > 0.9
+
+
+def test_adamw_has_no_weight_decay(rl_config, monkeypatch):
+    decays = []
+    real = torch.optim.AdamW
+
+    class RecordingAdamW(real):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            decays.extend(group["weight_decay"] for group in self.param_groups)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    run_rl(rl_config("rl.steps=1", "rl.batch_size=2", "rl.minibatch_size=2", "rl.samples=0"))
+    assert decays and set(decays) == {0.0}
+
+
+def test_gradients_sync_only_on_the_last_micro_batch(rl_config, monkeypatch):
+    from accelerate import Accelerator
+
+    skipped = []
+    real = Accelerator.no_sync
+
+    def counting_no_sync(self, model):
+        skipped.append(1)
+        return real(self, model)
+
+    monkeypatch.setattr(Accelerator, "no_sync", counting_no_sync)
+    # 2 steps x 2 epochs x 2 minibatches, each of 3 micro-batches: 2 of every 3 skip the sync
+    run_rl(rl_config("rl.steps=2", "rl.ppo_epochs=2", "rl.batch_size=6", "rl.minibatch_size=3", "rl.grad_accum=3",
+                     "rl.samples=0"))
+    assert len(skipped) == 2 * 2 * 2 * 2
+
+
+def test_answers_cut_at_the_length_limit_get_a_penalty_by_default(rl_config):
+    assert load_config(None, []).rl.unfinished_score == -1.0
+    cfg = rl_config("rl.steps=1", "rl.batch_size=4", "rl.minibatch_size=4", "rl.samples=0")
+    run_rl(cfg)
+    # No tiny-model answer ends within 8 tokens: each scores -1 whatever the reward says.
+    assert [(m["ended_frac"], m["reward_mean"]) for m in metrics(cfg)] == [(0.0, -1.0)]
+    assert metrics(cfg)[0]["raw_score_mean"] != -1.0
+
+
+def test_trl_algorithms_train_float32_master_weights_under_the_gpu_precision(rl_config, tiny_model_dir, monkeypatch):
+    """dpo/grpo/rloo load the SFT model once, the same way: float32, with TRL's bf16=True compute."""
+    from safetensors.torch import load_file
+
+    import trl
+
+    references = []
+
+    class RecordingDPOTrainer(trl.DPOTrainer):
+        def __init__(self, *args, ref_model=None, **kwargs):
+            references.append(ref_model)
+            super().__init__(*args, ref_model=ref_model, **kwargs)
+
+    monkeypatch.setattr(trl, "DPOTrainer", RecordingDPOTrainer)
+    cfg = rl_config("policy.dtype=bfloat16", "rl.algorithm=dpo", "rl.steps=1", "rl.batch_size=2", "rl.learning_rate=1e-5",
+                    "rl.samples=0")
+    save_preferences(cfg, [0.9] * 4)
+    out = run_rl(cfg)
+    assert {p.dtype for p in references[0].parameters()} == {torch.bfloat16}  # frozen: stored in bf16
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert {t.dtype for t in after.values()} == {torch.float32}
+    assert layer_weights_changed(before, after) > 0.9
+
+
+def test_grpo_samples_without_the_generation_config_penalties(rl_config, monkeypatch):
+    from tests.test_models import assert_drawn_from_tempered_logits, record_generate
+
+    cfg = with_shipped_sampling_defaults(rl_config("rl.algorithm=grpo", "rl.steps=1", "rl.batch_size=4", "rl.group_size=2",
+                                                   "rl.ppo_epochs=1", "rl.temperature=0.7", "rl.samples=0"))
+    generated = record_generate(monkeypatch)
+    run_rl(cfg)
+    assert generated
+    assert_drawn_from_tempered_logits(generated[0], 0.7)
+
+
+@pytest.mark.parametrize("reward, reruns", [("direct", True), ("rm", False)])
+def test_editing_score_jinja_reruns_rl_only_when_the_labeler_scores_answers(tmp_path, reward, reruns):
+    from cai.stages import stage_fingerprint
+    from cai.templates import SHIPPED_PROMPTS
+
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    cfg = load_config(None, [f"rl.reward={reward}", f"templates={folder}"])
+    before = {stage: stage_fingerprint(cfg, stage) for stage in ("rm", "rl", "eval")}
+    (folder / "score.jinja").write_text((SHIPPED_PROMPTS / "score.jinja").read_text() + "\nRate strictly.\n")
+    after = {stage: stage_fingerprint(cfg, stage) for stage in ("rm", "rl", "eval")}
+    assert after["rm"] == before["rm"]
+    assert (after["rl"] != before["rl"]) is reruns and (after["eval"] != before["eval"]) is reruns
+
+
+def test_no_stage_imports_another_and_nothing_below_imports_a_stage():
+    """Layers stay one-way: what stages share lives in modules below them (cai/training.py,
+    cai/policy_models.py, ...); `cai rl` picks rl_trl.py for dpo/grpo/rloo (cli.run_stage)."""
+    import ast
+
+    package = ROOT / "cai"
+    stage_modules = {p.stem for p in (package / "stages").glob("*.py") if p.stem != "__init__"}
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.name == "cli.py":
+            continue  # the command line runs the stages
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            imported = {n.split(".")[2] for n in names if n.startswith("cai.stages.") and n.count(".") >= 2}
+            if imported & stage_modules - {path.stem}:
+                offenders.append(f"{path.relative_to(ROOT)} imports {sorted(imported & stage_modules)}")
+    assert offenders == []

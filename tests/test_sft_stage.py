@@ -58,3 +58,28 @@ def test_lora_trains_an_adapter_and_saves_it_merged(tiny_config, sl_done):
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert json.loads((out / "metrics.json").read_text())["lora"] is True
+
+
+def test_gpu_precision_trains_float32_master_weights_with_bf16_compute(tiny_config, tiny_model_dir, sl_done, monkeypatch):
+    """policy.dtype=bfloat16 is what `auto` resolves to on a bf16 GPU (bf16 works on the CPU): the model
+    is loaded float32 and TRL computes in bf16 (bf16=True); a small update (learning rate 1e-5, below bf16's
+    resolution for most weights) moves nearly every weight, and the saved model is float32."""
+    from safetensors.torch import load_file
+
+    cfg = sl_done(tiny_config("policy.dtype=bfloat16", "sft.learning_rate=1e-5", "sft.epochs=1"))
+    trainers = []
+    real_build = sft.build_trainer
+
+    def build_and_keep(*args, **kwargs):
+        trainers.append(real_build(*args, **kwargs))
+        return trainers[-1]
+
+    monkeypatch.setattr(sft, "build_trainer", build_and_keep)
+    out = sft.run(cfg)
+    assert {p.dtype for p in trainers[0].model.parameters()} == {torch.float32}
+    assert trainers[0].args.bf16 is True
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert {t.dtype for t in after.values()} == {torch.float32}
+    names = [k for k in before if ".layers." in k]
+    moved = sum(int((after[k] != before[k].to(after[k].dtype)).sum()) for k in names)
+    assert moved / sum(before[k].numel() for k in names) > 0.9

@@ -129,3 +129,20 @@ def save_tiny_model(path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# What many instruct models' generation_config.json carry, and generate applies to every call that
+# leaves the setting unset.
+SHIPPED_SAMPLING_DEFAULTS = dict(repetition_penalty=1.3, top_k=5, min_p=0.05, typical_p=0.9, no_repeat_ngram_size=2)
+
+
+def save_tiny_model_with_sampling_defaults(path, seed: int = 0) -> Path:
+    """A tiny model whose generation_config sets a repetition penalty, top-k, min-p, typical-p and
+    no-repeat n-grams (`SHIPPED_SAMPLING_DEFAULTS`)."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(path, seed=seed)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.generation_config.update(do_sample=True, temperature=0.6, top_p=0.9, **SHIPPED_SAMPLING_DEFAULTS)
+    model.save_pretrained(path)
+    return path

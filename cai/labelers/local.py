@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from cai.labelers.base import Choice, ChoiceRequest, GenerateRequest, Generation, Message, Usage
+from cai.models import sampling_kwargs
 from cai.seeding import stable_seed
 
 
@@ -78,15 +79,12 @@ class LocalGenerator:
             batch = self._encode(texts)
             # Seeded by what is asked, not by when: a resumed run samples the same answers.
             torch.manual_seed(stable_seed(self.seed, texts, [r.sample_index for r in group]))
-            sampling = first.temperature > 0
             output = self.model.generate(
                 **batch,
                 max_new_tokens=max(r.max_new_tokens for r in group),
-                do_sample=sampling,
-                temperature=first.temperature if sampling else None,
-                top_p=first.top_p if sampling else None,
-                top_k=None,
                 pad_token_id=self.tokenizer.pad_token_id,
+                # exactly softmax(logits / T) within top-p: none of the model's shipped penalties
+                **sampling_kwargs(first.temperature, first.top_p),
             )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             for row, index in enumerate(indices):

@@ -81,6 +81,8 @@ def fingerprint_parts(cfg: Config, stage: str) -> dict:
                 value = {k: v for k, v in value.items() if k not in OPERATIONAL_KEYS.get(section, ())}
             parts[section] = value
         templates += STAGE_TEMPLATES.get(name, ())
+        if name == "rl" and cfg.rl.reward == "direct":  # the labeler scores each answer with score.jinja
+            templates.append("score.jinja")
     parts["constitution_sha256"] = constitution_sha256(cfg.constitution)
     parts["templates"] = Templates(cfg.templates).fingerprint(templates)
     return parts

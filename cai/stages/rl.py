@@ -4,24 +4,27 @@ Why cai owns its PPO: TRL moved its PPOTrainer to `trl.experimental` and removed
 the last release that has it). PPO for language models is a short loop over a handful of formulas, so
 cai keeps it here, written from the papers (Ziegler et al. 2019; Ouyang et al. 2022; Huang et al. 2024,
 "The N Implementation Details of RLHF with PPO"), with every formula a pure, tested function in
-`cai/rl/`. DPO, GRPO and RLOO are TRL's trainers, set up by config in `rl_trl.py`.
+`cai/rl/`. DPO, GRPO and RLOO are TRL's trainers, set up by config in `rl_trl.py` (`cai rl` runs that
+module instead of this one when `rl.algorithm` is not ppo).
 
-Models (rl_models.py): the policy (from `sft/`), a frozen reference (the SFT model; with LoRA, the
+Models (cai/policy_models.py): the policy (from `sft/`), a frozen reference (the SFT model; with LoRA, the
 policy with its adapter disabled: one copy of the weights), a value model (initialised from the reward
 model when the reward is `rm/` and it shares the policy's tokenizer; with LoRA, a second adapter on the
-same base plus a head) and the reward: `rm/`, the labeler's direct score, or a Python callable.
+same base plus a head) and the reward: `rm/`, the labeler's direct score, or a Python callable. What
+trains keeps float32 master weights and computes in bf16 under autocast where `policy.dtype` says so
+(accelerate's `mixed_precision`); the frozen reference is stored in bf16.
 
 One PPO step, on every process:
- 1. sample answers to a batch of rl-split prompts (temperature only, no top-k/top-p), keeping each
-    token's log-prob under softmax(logits / temperature);
+ 1. sample answers to a batch of rl-split prompts from exactly softmax(logits / temperature): no
+    top-k/top-p, and every processor the model's generation_config would add switched off;
  2. truncate each answer after its first EOS;
- 3. score the answers (answers that never end get `rl.unfinished_score`; scores are clipped);
- 4. compute per-token rewards: -beta * KL(policy || reference) on every token, the score on the last
-    (reference log-probs from logits / temperature too);
+ 3. score the answers (answers that never end get `rl.unfinished_score`, -1 by default; scores are clipped);
+ 4. old log-probs, reference log-probs (both from logits / temperature) and values from forward passes;
+    per-token rewards: -beta * KL(policy || reference) on every token, the score on the last;
  5. values and GAE advantages and returns;
  6. whiten the advantages;
  7. PPO epochs over shuffled minibatches: clipped policy loss + clipped value loss, gradient
-    accumulation and clipping;
+    accumulation (gradients synchronised across processes on the last micro-batch only) and clipping;
  8. update the KL controller with the measured KL;
  9. log (rl/metrics.jsonl, accelerate's trackers) and check the reward-hacking monitors;
 10. checkpoint every `rl.checkpoint_every` steps; a killed run resumes from the last checkpoint.
@@ -43,17 +46,19 @@ from cai.chat import policy_input
 from cai.config import Config
 from cai.errors import CaiError
 from cai.labelers.parsing import is_refusal
+from cai.models import mixed_precision, sampling_kwargs
+from cai.policy_models import build_models, check_reward, load_reward_fn, sample_for_report, score
 from cai.records import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from cai.rl import (
     AdaptiveKLController,
     FixedKLController,
     clip_rewards,
     distinct_token_ngrams,
+    entropy_from_logits,
     explained_variance,
     gae,
     kl_penalty_per_token,
     logprobs_from_logits,
-    masked_mean,
     masked_whiten,
     pearson,
     policy_loss,
@@ -64,8 +69,8 @@ from cai.rl import (
 )
 from cai.seeding import stable_seed
 from cai.stages import Stage, open_stage, require_done, stage_dir
-from cai.stages.rl_models import RewardFn, build_models, check_reward, load_reward_fn, score
 from cai.templates import Templates
+from cai.training import check_tracker
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,14 +115,6 @@ def check_batch_sizes(cfg: Config) -> None:
         raise CaiError(f"rl.minibatch_size ({rl.minibatch_size}) must be a multiple of rl.grad_accum ({rl.grad_accum})")
 
 
-def check_tracker(log_with: str) -> None:
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-    available = {"none": True, "tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
-    if not available[log_with]:
-        raise CaiError(f"rl.log_with={log_with} needs the {log_with} package: pip install {log_with}")
-
-
 class Progress:
     """The data position (steps done), checkpointed with the model, optimizer and KL controller."""
 
@@ -156,59 +153,27 @@ def save_checkpoint(accelerator, folder: Path, step: int) -> None:
 # One PPO step
 
 
-class SampledLogprobs:
-    """A logits processor for `generate` that keeps, for each sampled token, its log-probability and
-    the entropy of the distribution it was drawn from, softmax(logits / temperature) (Ziegler et al.
-    take the old log-probs from the sampler too). It sees the raw logits (generate applies the
-    temperature after custom processors) and only keeps one step's distribution: the token drawn at step
-    t appears in `input_ids` at step t + 1, when that step's log-prob is settled; `finish` settles the last.
-    """
-
-    def __init__(self, temperature: float):
-        self.temperature, self.pending, self.logprobs, self.entropies = temperature, None, [], []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.settle(input_ids[:, -1])
-        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        self.entropies.append(-(self.pending.exp() * self.pending).sum(-1))
-        return scores
-
-    def settle(self, tokens: torch.Tensor) -> None:
-        if self.pending is not None:
-            self.logprobs.append(self.pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
-            self.pending = None
-
-    def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """([B, T] log-probs, [B, T] entropies) of the T sampled tokens."""
-        self.settle(last_tokens)
-        return torch.stack(self.logprobs, dim=1), torch.stack(self.entropies, dim=1)
-
-
 def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokenizer, batch, reward_fn) -> dict:
     rl, unwrapped, device = cfg.rl, accelerator.unwrap_model(model), accelerator.device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     micro = rl.minibatch_size // rl.grad_accum
     started = time.perf_counter()
 
-    # 1. Sample answers: pure temperature sampling (no top-k/top-p), keeping each token's log-prob.
-    from transformers import GenerationConfig, LogitsProcessorList
-
+    # 1. Sample answers from exactly softmax(logits / temperature): no top-k/top-p, and none of the
+    #    penalties a model's generation_config would add (they would bias the old log-probs and the KL).
     query = tokenizer([b[1] for b in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     torch.manual_seed(stable_seed(cfg.seed, "rl-sample", step, accelerator.process_index))
-    generation = GenerationConfig(
-        do_sample=True, temperature=rl.temperature, top_k=0, top_p=1.0,
-        max_new_tokens=rl.max_new_tokens or cfg.policy.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-    )
-    sampler = SampledLogprobs(rl.temperature)
-    with torch.no_grad():
-        output = unwrapped.policy.generate(**query, generation_config=generation, logits_processor=LogitsProcessorList([sampler]))
+    with torch.no_grad(), accelerator.autocast():
+        output = unwrapped.policy.generate(
+            **query, max_new_tokens=rl.max_new_tokens or cfg.policy.max_new_tokens, pad_token_id=pad_id,
+            eos_token_id=eos_id, **sampling_kwargs(rl.temperature),
+        )
     responses = output[:, query.input_ids.shape[1] :]
-    sampled_logprobs, sampled_entropy = sampler.finish(responses[:, -1])
 
     # 2. Truncate after the first EOS; pad (distinct from EOS) after it; drop all-pad columns.
     responses, mask, ended = truncate_after_eos(responses, eos_id, pad_id)
     n = int(mask.any(dim=0).nonzero().max()) + 1
-    responses, mask, logprobs = responses[:, :n], mask[:, :n], sampled_logprobs[:, :n]
+    responses, mask = responses[:, :n], mask[:, :n]
     input_ids = torch.cat([query.input_ids, responses], dim=1)
     attention_mask = torch.cat([query.attention_mask, mask.long()], dim=1)
     answer_tokens = [row[m].tolist() for row, m in zip(responses, mask)]
@@ -220,16 +185,21 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
     if rl.reward_clip is not None:
         scores = clip_rewards(scores, rl.reward_clip)
 
-    # 4. Reference log-probs (logits / temperature, like the sampler's) and values; per-token KL and rewards.
-    ref_logprobs, values = [], []
+    # 4. Old log-probs, entropy and values from the forward pass the PPO epochs repeat (so the first
+    #    ratio is 1 whatever the sampler's numerics), reference log-probs; all from logits / temperature.
+    #    Per-token KL and rewards.
+    logprobs, ref_logprobs, values, entropies = [], [], [], []
     with torch.no_grad():
         for rows in torch.arange(len(batch)).split(micro):
-            _, value = model(input_ids[rows], attention_mask[rows], n, with_logits=False)
+            logits, value = model(input_ids[rows], attention_mask[rows], n)
+            logprobs.append(logprobs_from_logits(logits, responses[rows], rl.temperature))
+            entropies.append(entropy_from_logits(logits, mask[rows], rl.temperature) * mask[rows].sum())
             ref_logits = unwrapped.reference_logits(reference, input_ids[rows], attention_mask[rows], n)
             ref_logprobs.append(logprobs_from_logits(ref_logits, responses[rows], rl.temperature))
             values.append(value)
-    ref_logprobs, values = torch.cat(ref_logprobs), torch.cat(values)
-    entropy = masked_mean(sampled_entropy[:, :n], mask)
+            del logits, ref_logits
+    logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+    entropy = torch.stack(entropies).sum() / mask.sum()
     kl = kl_penalty_per_token(logprobs, ref_logprobs, mask, rl.kl_estimator)
     rewards = shaped_rewards(scores, kl, mask, kl_ctl.value)
     if rl.whiten_rewards and mask.sum() > 1:
@@ -247,12 +217,16 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
     shuffle = torch.Generator().manual_seed(stable_seed(cfg.seed, "rl-minibatch", step, accelerator.process_index))
     for _ in range(rl.ppo_epochs):
         for minibatch in torch.randperm(len(batch), generator=shuffle).split(rl.minibatch_size):
-            for rows in minibatch.split(micro):
-                logits, value = model(input_ids[rows], attention_mask[rows], n)
-                new_logprobs = logprobs_from_logits(logits, responses[rows], rl.temperature)
-                pg = policy_loss(new_logprobs, logprobs[rows], advantages[rows], mask[rows], rl.clip_eps)
-                vf = value_loss(value, values[rows], returns[rows], mask[rows], rl.value_clip_eps)
-                accelerator.backward((pg.loss + rl.vf_coef * vf.loss) / rl.grad_accum)
+            micro_batches = minibatch.split(micro)
+            for i, rows in enumerate(micro_batches):
+                # Under DDP, gradients are averaged across processes once, after the last micro-batch.
+                last = i == len(micro_batches) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    logits, value = model(input_ids[rows], attention_mask[rows], n)
+                    new_logprobs = logprobs_from_logits(logits, responses[rows], rl.temperature)
+                    pg = policy_loss(new_logprobs, logprobs[rows], advantages[rows], mask[rows], rl.clip_eps)
+                    vf = value_loss(value, values[rows], returns[rows], mask[rows], rl.value_clip_eps)
+                    accelerator.backward((pg.loss + rl.vf_coef * vf.loss) / rl.grad_accum)
                 for key, v in zip(stats, (pg.loss, vf.loss, pg.clip_fraction, vf.clip_fraction, pg.approx_kl)):
                     stats[key].append(float(v.detach()))
             if rl.max_grad_norm is not None:
@@ -313,13 +287,11 @@ def monitor_warnings(cfg: Config, m: dict) -> list[str]:
 
 def run(cfg: Config) -> Path:
     if cfg.rl.algorithm != "ppo":
-        from cai.stages import rl_trl
-
-        return rl_trl.run(cfg)
+        raise CaiError(f"rl.algorithm={cfg.rl.algorithm} runs in cai.stages.rl_trl (`cai rl` picks it)")
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 
-    from cai.models import load_tokenizer
+    from cai.models import default_device, load_tokenizer
 
     # Checks before anything is written: earlier stages, batch sizes, pad vs EOS, prompts.
     sft_dir = require_done(cfg, "sft", "rl")
@@ -330,8 +302,15 @@ def run(cfg: Config) -> Path:
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise CaiError(f"{sft_dir}: the tokenizer pads with EOS; PPO needs a pad token distinct from EOS")
     # cpu=True without CUDA: `accelerate launch --multi_gpu --num_processes N` then runs N CPU processes (gloo).
+    # mixed_precision: float32 master weights, bf16 compute under autocast where policy.dtype says so.
+    # An earlier stage of `cai run` in this process may have set another (transformers' TrainingArguments
+    # resets this state the same way; the distributed state is kept).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
+        mixed_precision=mixed_precision(cfg.policy.dtype, default_device()),
         log_with=None if cfg.rl.log_with == "none" else cfg.rl.log_with,
         project_dir=str(stage_dir(cfg, "rl")),
     )
@@ -347,7 +326,9 @@ def run(cfg: Config) -> Path:
     reward_fn, rm_dir = load_reward_fn(cfg, accelerator.device)
     model, reference = build_models(cfg, sft_dir, rm_dir, accelerator.device)
     fused = accelerator.device.type in ("cpu", "cuda")  # one kernel for all parameters: several times faster
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.rl.learning_rate, eps=1e-5, fused=fused)
+    # No weight decay (Huang et al. 2024; TRL): decay would pull the policy toward zero, not toward the reference.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.rl.learning_rate, eps=1e-5,
+                                  weight_decay=0.0, fused=fused)
     model, optimizer = accelerator.prepare(model, optimizer)
     rl = cfg.rl
     kl_ctl = AdaptiveKLController(rl.kl_coef, rl.target_kl, rl.kl_horizon) if rl.adaptive_kl else FixedKLController(rl.kl_coef)
@@ -434,28 +415,3 @@ def save_and_report(cfg, stage, policy, tokenizer, reward_fn, history, kl_ctl, c
     print("[rl] reward trajectory: " + " ".join(f"{x:+.2f}" for x in summary["reward_trajectory"]))
     print("[rl] KL trajectory:     " + " ".join(f"{x:.2f}" for x in summary["kl_trajectory"]))
     return summary
-
-
-def sample_for_report(cfg: Config, policy, tokenizer, reward_fn: RewardFn | None, folder: Path) -> int:
-    """The final policy answers a few eval-split prompts; each answer is scored -> rl/samples.jsonl."""
-    from cai.labelers import GenerateRequest
-    from cai.labelers.local import LocalGenerator
-    from cai.promptsets import split_prompts
-
-    split = split_prompts(cfg.data, cfg.seed)["eval"]
-    prompts = (split["red_team"] + split["helpful"])[: cfg.rl.samples]
-    if not prompts:
-        return 0
-    policy.eval()
-    generator = LocalGenerator(policy, tokenizer, cfg.policy.batch_size, cfg.seed, cfg.policy.system_prompt)
-    templates = Templates(cfg.templates)
-    requests = [GenerateRequest(policy_input(templates, p.text, cfg.policy.system_prompt), max_new_tokens=cfg.rl.max_new_tokens or cfg.policy.max_new_tokens,
-                                temperature=cfg.rl.temperature, top_p=1.0) for p in prompts]
-    answers = [g.text or "" for g in generator.generate(requests)]
-    rewards = score(reward_fn, [p.text for p in prompts], answers).tolist() if reward_fn else [None] * len(answers)
-    (folder / "samples.jsonl").unlink(missing_ok=True)
-    with JsonlWriter(folder / "samples.jsonl") as writer:
-        for p, answer, r in zip(prompts, answers, rewards):
-            writer.write({"id": p.id, "kind": p.kind, "prompt": p.text, "answer": answer, "reward": r,
-                          "refusal": is_refusal(answer)})
-    return len(prompts)

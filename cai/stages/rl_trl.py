@@ -1,4 +1,5 @@
-"""The rl stage's other algorithms, each TRL's own trainer set up from `cfg.rl` (cai's PPO is rl.py).
+"""The rl stage's other algorithms, each TRL's own trainer set up from `cfg.rl` (cai's PPO is rl.py;
+`cai rl` runs this module when `rl.algorithm` is not ppo).
 
 - `dpo`: DPOTrainer on `prefs/dataset` (the open CAI recipe: the AI preferences, no reward model).
   `label_prob`, the labeler's probability that `chosen` is better, is used twice: pairs below
@@ -20,9 +21,10 @@ from pathlib import Path
 
 from cai.config import Config
 from cai.errors import CaiError
+from cai.policy_models import check_reward, load_reward_fn, sample_for_report
 from cai.records import atomic_write_json
 from cai.stages import open_stage, require_done
-from cai.training import device_arguments, lora_config
+from cai.training import check_tracker, device_arguments, last_checkpoint, lora_config
 
 
 def trl_reward(reward_fn):
@@ -95,21 +97,17 @@ def common_args(cfg: Config, output_dir: Path) -> dict:
         save_steps=rl.checkpoint_every,
         save_total_limit=1,
         report_to=rl.log_with,
-        **device_arguments(),
+        **device_arguments(dtype=cfg.policy.dtype),
     )
 
 
 def run(cfg: Config) -> Path:
-    from cai.stages.rl import check_tracker
-
     rl = cfg.rl
     sft_dir = require_done(cfg, "sft", "rl")
     check_tracker(rl.log_with)
     if rl.algorithm in ("grpo", "rloo") and rl.batch_size % rl.group_size:
         raise CaiError(f"rl.batch_size ({rl.batch_size}) must be a multiple of rl.group_size ({rl.group_size}) for {rl.algorithm}")
     if rl.algorithm in ("grpo", "rloo"):
-        from cai.stages.rl_models import check_reward
-
         check_reward(cfg)
 
     # 1. Data.
@@ -121,13 +119,13 @@ def run(cfg: Config) -> Path:
     if stage.done:
         return stage.path
 
-    # 2. The trainer, configured from cfg.rl.
-    from cai.models import load_causal_lm, load_tokenizer
-    from cai.stages.rl import sample_for_report
-    from cai.stages.rl_models import load_reward_fn
-    from cai.stages.sft import last_checkpoint
+    # 2. The trainer, configured from cfg.rl; float32 master weights, bf16 compute where policy.dtype
+    #    says so (TRL's bf16=True).
+    import torch
 
-    model = load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=cfg.policy.dtype)
+    from cai.models import load_causal_lm, load_tokenizer, sampling_kwargs
+
+    model = load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=torch.float32)
     model.train()
     tokenizer = load_tokenizer(str(sft_dir), cfg.cache_dir)
     checkpoints = stage.path / "checkpoints"
@@ -142,7 +140,10 @@ def run(cfg: Config) -> Path:
         # 1/(1 - 2ε) factor is 50 when a weak labeler's mean doubt is 0.49.
         loss = rl.dpo_soft_loss if smoothing > 0 else "sigmoid"
         args = DPOConfig(**common_args(cfg, checkpoints), beta=rl.dpo_beta, label_smoothing=smoothing, loss_type=[loss])
-        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+        # The frozen reference is stored in the compute dtype (bf16 on a GPU); with LoRA it is the base.
+        reference = None if rl.lora else load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=cfg.policy.dtype).requires_grad_(False)
+        trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config)
         print(f"[rl] dpo ({loss} loss) on {len(dataset)} pairs, beta {rl.dpo_beta}, label smoothing {smoothing:.3f}")
     else:
         from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
@@ -152,6 +153,8 @@ def run(cfg: Config) -> Path:
             **common_args(cfg, checkpoints), num_generations=rl.group_size, beta=rl.kl_coef,
             max_completion_length=rl.max_new_tokens or cfg.policy.max_new_tokens, temperature=rl.temperature,
             num_iterations=rl.ppo_epochs, epsilon=rl.clip_eps,
+            # exactly softmax(logits / T): none of the model's shipped penalties, top-k or min-p
+            generation_kwargs=sampling_kwargs(rl.temperature),
         )
         reward_fn, _ = load_reward_fn(cfg, model.device)
         trainer = trainer_cls(model=model, reward_funcs=trl_reward(reward_fn), args=args, train_dataset=dataset,

@@ -1,7 +1,8 @@
 """Stage 4, the reward model (Bai et al. 2022, section 4.1): a preference model trained on AI labels.
 
 1. Load `prefs/dataset/` and refuse it, in one line, if a column is missing or an answer is empty.
-2. Hold out `rm.eval_fraction` of the pairs (seeded).
+2. Hold out about `rm.eval_fraction` of the pairs (seeded), split by prompt: a prompt's pairs are all
+   held out or all trained on.
 3. The reward model is the SFT model with a scalar head (`AutoModelForSequenceClassification`,
    `num_labels=1`), trained with TRL's RewardTrainer. The loss is the binary cross-entropy between
    sigma(r_chosen - r_rejected) and the soft label `label_prob` (`soft_label_loss`); with
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -27,12 +29,12 @@ import torch
 from cai.chat import ANSWER_TEMPLATE, policy_input
 from cai.config import Config
 from cai.errors import CaiError
-from cai.preferences import check_preference_dataset
+from cai.preferences import check_preference_dataset, expected_calibration_error
 from cai.records import atomic_write_json, read_jsonl
 from cai.rewards import NORMALIZATION, SCORING, score_conversations
 from cai.stages import open_stage, require_done
 from cai.templates import Templates
-from cai.training import lora_config, trainer_arguments
+from cai.training import last_checkpoint, lora_config, trainer_arguments
 
 
 def soft_label_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, label_prob: torch.Tensor) -> torch.Tensor:
@@ -81,31 +83,25 @@ def soft_label_trainer(*args, **kwargs):
 
 
 def split_dataset(dataset, eval_fraction: float, seed: int):
-    """(train, held-out), seeded; the held-out part is empty when the fraction or the data is too small."""
-    n_eval = int(round(eval_fraction * len(dataset)))
-    n_eval = min(n_eval, len(dataset) - 1)
-    if n_eval <= 0:
+    """(train, held-out), seeded and split by prompt: every pair of a prompt lands on the same side, so
+    that held-out accuracy is measured on prompts the model never trained on (with several samples per
+    prompt, a split by pair would let it see the same prompt, often the same answers, in training).
+    About `eval_fraction` of the pairs are held out; none when the fraction or the data is too small."""
+    prompts: dict[str, list[int]] = {}
+    for index, prompt in enumerate(dataset["prompt"]):
+        prompts.setdefault(json.dumps(prompt, sort_keys=True), []).append(index)
+    groups = sorted(prompts.values())
+    random.Random(f"{seed}:rm-split").shuffle(groups)
+    target = min(int(round(eval_fraction * len(dataset))), len(dataset) - 1)
+    held_out: list[int] = []
+    for group in groups[:-1]:  # at least one prompt trains
+        if len(held_out) >= target:
+            break
+        held_out += group
+    if not held_out:
         return dataset, dataset.select([])
-    order = list(range(len(dataset)))
-    random.Random(f"{seed}:rm-split").shuffle(order)
-    return dataset.select(sorted(order[n_eval:])), dataset.select(sorted(order[:n_eval]))
-
-
-def expected_calibration_error(probs: list[float], outcomes: list[float], bins: int = 10) -> float | None:
-    """ECE of binary predictions: confidence max(p, 1 - p) against how often the predicted side is right.
-
-    `outcomes` are 1 when the first side is right, 0 when the second is (0.5 for a tie counts half).
-    """
-    if not probs:
-        return None
-    buckets: list[list[tuple[float, float]]] = [[] for _ in range(bins)]
-    for p, y in zip(probs, outcomes):
-        confidence = max(p, 1.0 - p)
-        correct = y if p >= 0.5 else 1.0 - y
-        buckets[min(int((confidence - 0.5) * 2 * bins), bins - 1)].append((confidence, correct))
-    return sum(
-        len(b) / len(probs) * abs(sum(c for c, _ in b) / len(b) - sum(r for _, r in b) / len(b)) for b in buckets if b
-    )
+    kept = set(held_out)
+    return dataset.select([i for i in range(len(dataset)) if i not in kept]), dataset.select(sorted(held_out))
 
 
 def distribution(values: list[float]) -> dict:
@@ -191,14 +187,12 @@ def run(cfg: Config) -> Path:
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
     checkpoints = stage.path / "checkpoints"
-    args = RewardConfig(**trainer_arguments(cfg.rm, checkpoints, cfg.seed, lr_scheduler="linear"))
+    args = RewardConfig(**trainer_arguments(cfg.rm, checkpoints, cfg.seed, lr_scheduler="linear", dtype=cfg.policy.dtype))
     peft_config = lora_config(cfg.rm, "SEQ_CLS")
     make = RewardTrainer if cfg.rm.hard_labels else soft_label_trainer
     trainer = make(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config)
     if len(trainer.train_dataset) == 0:
         raise CaiError(f"rm: every training pair is longer than rm.max_length={cfg.rm.max_length} tokens; raise it")
-    from cai.stages.sft import last_checkpoint
-
     result = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints))
     trained = trainer.model
     if cfg.rm.lora:

@@ -4,7 +4,8 @@
 2. Loss on the assistant's answer only: each conversation becomes a conversational prompt/completion
    pair (the answer is the completion), which SFTTrainer masks for any chat template — unlike
    `assistant_only_loss`, which needs `{% generation %}` markers that most templates lack.
-3. Train: all weights, or a LoRA adapter (peft) when `sft.lora`. Checkpoints go to
+3. Train: all weights, or a LoRA adapter (peft) when `sft.lora`, in float32 with bf16 compute
+   where `policy.dtype` says so (auto: on a GPU that has bf16). Checkpoints go to
    `sft/checkpoints/`; a killed run resumes from the last one.
 4. Save the model (LoRA merged into the base unless `sft.merge_lora=false`) and the tokenizer to `sft/`.
 """
@@ -18,7 +19,7 @@ from cai.config import Config
 from cai.errors import CaiError
 from cai.records import atomic_write_json
 from cai.stages import open_stage, require_done
-from cai.training import lora_config, trainer_arguments
+from cai.training import last_checkpoint, lora_config, trainer_arguments
 
 
 def to_prompt_completion(example: dict) -> dict:
@@ -26,17 +27,12 @@ def to_prompt_completion(example: dict) -> dict:
     return {"prompt": messages[:-1], "completion": messages[-1:]}
 
 
-def last_checkpoint(folder: Path) -> str | None:
-    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(checkpoints[-1]) if checkpoints else None
-
-
 def build_trainer(cfg: Config, model, tokenizer, dataset, output_dir: Path):
     """TRL's SFTTrainer set up from `cfg.sft` (LoRA through peft when asked)."""
     from trl import SFTConfig, SFTTrainer
 
     model.train()
-    args = SFTConfig(**trainer_arguments(cfg.sft, output_dir, cfg.seed, lr_scheduler="cosine"))
+    args = SFTConfig(**trainer_arguments(cfg.sft, output_dir, cfg.seed, lr_scheduler="cosine", dtype=cfg.policy.dtype))
     peft_config = lora_config(cfg.sft, "CAUSAL_LM")
     return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
 
@@ -49,7 +45,9 @@ def run(cfg: Config) -> Path:
 
     import datasets
 
-    from cai.models import load_model_and_tokenizer
+    import torch
+
+    from cai.models import load_causal_lm, load_tokenizer
 
     # 1. The SL-CAI dataset.
     dataset = datasets.load_from_disk(str(sl_dir / "dataset"))
@@ -62,8 +60,9 @@ def run(cfg: Config) -> Path:
     else:
         dataset = dataset.select_columns(["messages"])
 
-    # 3. Train.
-    model, tokenizer = load_model_and_tokenizer(cfg.policy.model, cfg, {})
+    # 3. Train: float32 master weights, bf16 compute where policy.dtype says so (TRL's bf16=True).
+    model = load_causal_lm(cfg.policy.model, cfg.cache_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(cfg.policy.model, cfg.cache_dir)
     checkpoints = stage.path / "checkpoints"
     trainer = build_trainer(cfg, model, tokenizer, dataset, checkpoints)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints))

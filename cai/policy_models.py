@@ -1,4 +1,6 @@
-"""The rl stage's models and reward: what PPO trains, what it compares against, what scores it.
+"""The rl stage's models and reward: what PPO trains, what it compares against, what scores it, and
+what the trained policy answers for the report. Shared by rl.py (PPO) and rl_trl.py (DPO, GRPO, RLOO),
+so it lives below the stages.
 
 - The policy is the SFT model. Without LoRA the reference is a second, frozen copy of it; with LoRA
   the reference is the policy with its adapter disabled (one copy of the weights).
@@ -9,6 +11,9 @@
 - The reward is `rm/` (cai.rewards.RewardModelScorer: normalised scores, re-tokenized text, so a reward
   model with another tokenizer works), the labeler's direct score, or any callable
   `(prompts, answers) -> list[float]` named `module.path:function`.
+- Precision: what trains (the policy, the value model and its head, LoRA adapters) keeps float32
+  master weights; bf16/fp16 is the compute precision, applied by accelerate's autocast
+  (`mixed_precision`). Frozen weights (the reference, a LoRA base) are stored in the compute dtype.
 Every model has dropout off and stays in eval mode.
 """
 
@@ -21,8 +26,10 @@ from pathlib import Path
 
 import torch
 
+from cai.chat import policy_input
 from cai.config import Config
 from cai.errors import CaiError
+from cai.labelers.parsing import is_refusal
 from cai.stages import require_done
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -105,8 +112,8 @@ def _backbone(causal_lm):
 class PolicyAndValue(torch.nn.Module):
     """What PPO trains, as one module so that accelerate wraps (DDP) and checkpoints it as one.
 
-    `forward` returns the policy logits that predicted the last `n` tokens [B, n, V] (None when
-    `with_logits` is false) and the values of the states before them [B, n]. With LoRA, `policy` is a
+    `forward` returns the policy logits that predicted the last `n` tokens [B, n, V] and the values of
+    the states before them [B, n]. With LoRA, `policy` is a
     peft model with two adapters, "default" (the policy) and "value", on one base; the value pass runs
     the base with the value adapter.
     """
@@ -126,11 +133,9 @@ class PolicyAndValue(torch.nn.Module):
         for layer in self._lora_layers:
             layer._active_adapter = name
 
-    def forward(self, input_ids, attention_mask, n: int, with_logits: bool = True):
+    def forward(self, input_ids, attention_mask, n: int):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask))
-        logits = None
-        if with_logits:
-            logits = self.policy(**kwargs, logits_to_keep=n + 1, use_cache=False).logits[:, :-1]
+        logits = self.policy(**kwargs, logits_to_keep=n + 1, use_cache=False).logits[:, :-1]
         if self.lora:
             self.use_adapter("value")
             hidden = _backbone(self.policy)(**kwargs, use_cache=False).last_hidden_state
@@ -166,23 +171,23 @@ def _score_head(seq_cls_model) -> torch.nn.Linear:
     return head
 
 
-def value_from_reward_model(rm_dir: Path, device, dtype) -> tuple[torch.nn.Module, torch.nn.Linear]:
-    """Backbone and head of rm/, the head rescaled so that it predicts normalised scores
-    (Huang et al. 2024: initialise the value model from the reward model)."""
+def value_from_reward_model(rm_dir: Path, device) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """Backbone and head of rm/ in float32 (they train), the head rescaled so that it predicts
+    normalised scores (Huang et al. 2024: initialise the value model from the reward model)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from cai.models import _without_dropout
+    from cai.models import without_dropout
 
     config = AutoConfig.from_pretrained(rm_dir)
-    _without_dropout(config)
-    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir, config=config, dtype=dtype)
+    without_dropout(config)
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir, config=config, dtype=torch.float32)
     norm_path = rm_dir / "normalization.json"
     norm = json.loads(norm_path.read_text()) if norm_path.exists() else {"mean": 0.0, "std": 1.0}
     old = _score_head(rm)
-    head = torch.nn.Linear(old.in_features, 1, bias=True, dtype=old.weight.dtype)
+    head = torch.nn.Linear(old.in_features, 1, bias=True, dtype=torch.float32)
     with torch.no_grad():
         head.weight.copy_(old.weight / norm["std"])
-        bias = old.bias if old.bias is not None else torch.zeros(1, dtype=old.weight.dtype)
+        bias = old.bias if old.bias is not None else torch.zeros(1)
         head.bias.copy_((bias - norm["mean"]) / norm["std"])
     return _no_dropout(getattr(rm, rm.base_model_prefix)).to(device), head.to(device)
 
@@ -193,15 +198,23 @@ def same_vocabulary(folder_a, folder_b) -> bool:
     return AutoTokenizer.from_pretrained(folder_a).get_vocab() == AutoTokenizer.from_pretrained(folder_b).get_vocab()
 
 
+def zero_value_head(hidden: int, device) -> torch.nn.Linear:
+    head = torch.nn.Linear(hidden, 1, dtype=torch.float32, device=device)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    return head
+
+
 def build_models(cfg: Config, sft_dir: Path, rm_dir: Path | None, device):
-    """(PolicyAndValue, reference or None) on `device`, dropout off everywhere."""
+    """(PolicyAndValue, reference or None) on `device`, dropout off everywhere.
+
+    What trains is float32 (master weights; the compute precision `policy.dtype` names is applied by
+    accelerate's autocast); what is frozen (the reference, a LoRA base) is stored in that precision.
+    """
     from transformers import AutoModel
 
-    from cai.models import _resolve_dtype, _without_dropout, load_causal_lm
+    from cai.models import load_causal_lm, resolve_dtype, without_dropout
 
-    dtype = _resolve_dtype(cfg.policy.dtype, torch.device(device))
-    policy = load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=dtype, device=device)
-    hidden = policy.config.get_text_config().hidden_size
+    compute_dtype = resolve_dtype(cfg.policy.dtype, torch.device(device))
     if cfg.rl.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -209,19 +222,24 @@ def build_models(cfg: Config, sft_dir: Path, rm_dir: Path | None, device):
             return LoraConfig(r=cfg.rl.lora_r, lora_alpha=cfg.rl.lora_alpha, lora_dropout=0.0,
                               target_modules="all-linear", task_type="CAUSAL_LM")
 
-        policy = get_peft_model(policy, lora())
+        # The base is frozen: stored in the compute dtype. peft keeps the adapters float32.
+        policy = load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=compute_dtype, device=device)
+        hidden = policy.config.get_text_config().hidden_size
+        policy = get_peft_model(policy, lora(), autocast_adapter_dtype=True)
         policy.add_adapter("value", lora())
         for name, param in policy.named_parameters():
-            param.requires_grad_("lora_" in name)  # both adapters train, the base stays frozen
-        head = torch.nn.Linear(hidden, 1, dtype=dtype, device=device)
-        torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-        module = PolicyAndValue(policy, None, head, lora=True)
+            if "lora_" in name:
+                param.data = param.data.float()  # both adapters train (in float32), the base stays frozen
+            param.requires_grad_("lora_" in name)
+        module = PolicyAndValue(policy, None, zero_value_head(hidden, device), lora=True)
         module.use_adapter("default")
         print("[rl] LoRA: the reference is the policy with its adapter disabled; the value model is a second adapter")
         return module.eval(), None
-    reference = load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=dtype, device=device).requires_grad_(False)
+    policy = load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=torch.float32, device=device)
+    hidden = policy.config.get_text_config().hidden_size
+    reference = load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=compute_dtype, device=device).requires_grad_(False)
     if rm_dir is not None and same_vocabulary(rm_dir, sft_dir):
-        backbone, head = value_from_reward_model(rm_dir, device, dtype)
+        backbone, head = value_from_reward_model(rm_dir, device)
         print("[rl] value model initialised from rm/")
     else:
         if rm_dir is not None:
@@ -229,8 +247,37 @@ def build_models(cfg: Config, sft_dir: Path, rm_dir: Path | None, device):
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(sft_dir)
-        _without_dropout(config)
-        backbone = _no_dropout(AutoModel.from_pretrained(sft_dir, config=config, dtype=dtype)).to(device)
-        head = torch.nn.Linear(hidden, 1, dtype=dtype, device=device)
-        torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+        without_dropout(config)
+        backbone = _no_dropout(AutoModel.from_pretrained(sft_dir, config=config, dtype=torch.float32)).to(device)
+        head = zero_value_head(hidden, device)
     return PolicyAndValue(policy, backbone, head, lora=False).eval(), reference
+
+
+# --------------------------------------------------------------------------------------------------
+# What the trained policy answers, for the report
+
+def sample_for_report(cfg: Config, policy, tokenizer, reward_fn: RewardFn | None, folder: Path) -> int:
+    """The final policy answers a few eval-split prompts; each answer is scored -> rl/samples.jsonl."""
+    from cai.labelers import GenerateRequest
+    from cai.labelers.local import LocalGenerator
+    from cai.promptsets import split_prompts
+    from cai.records import JsonlWriter
+    from cai.templates import Templates
+
+    split = split_prompts(cfg.data, cfg.seed)["eval"]
+    prompts = (split["red_team"] + split["helpful"])[: cfg.rl.samples]
+    if not prompts:
+        return 0
+    policy.eval()
+    generator = LocalGenerator(policy, tokenizer, cfg.policy.batch_size, cfg.seed, cfg.policy.system_prompt)
+    templates = Templates(cfg.templates)
+    requests = [GenerateRequest(policy_input(templates, p.text, cfg.policy.system_prompt), max_new_tokens=cfg.rl.max_new_tokens or cfg.policy.max_new_tokens,
+                                temperature=cfg.rl.temperature, top_p=1.0) for p in prompts]
+    answers = [g.text or "" for g in generator.generate(requests)]
+    rewards = score(reward_fn, [p.text for p in prompts], answers).tolist() if reward_fn else [None] * len(answers)
+    (folder / "samples.jsonl").unlink(missing_ok=True)
+    with JsonlWriter(folder / "samples.jsonl") as writer:
+        for p, answer, r in zip(prompts, answers, rewards):
+            writer.write({"id": p.id, "kind": p.kind, "prompt": p.text, "answer": answer, "reward": r,
+                          "refusal": is_refusal(answer)})
+    return len(prompts)
