@@ -309,6 +309,9 @@ class ServeConfig(Section):
     max_request_bytes: int = Field(8_000_000, ge=1024, description="Larger request bodies are refused (HTTP 413).")
     max_items: int = Field(1024, ge=1, description="Most answers scored in one request (more: HTTP 413).")
     max_batch: int = Field(4096, ge=1, description="Most answers merged from concurrent requests into one labeler batch.")
+    batch_wait: float = Field(
+        0.05, ge=0, description="Seconds the judge waits after a request for others to join its labeler batch."
+    )
     request_timeout: float = Field(
         600.0, gt=0, description="Seconds a request waits for its scores; then each unscored item is answered with a timeout error."
     )

@@ -310,11 +310,15 @@ class _Job:
 
 
 class Batcher:
-    """Merges the items of concurrent requests into labeler batches of at most `max_batch` items."""
+    """Merges the items of concurrent requests into labeler batches of at most `max_batch` items. After
+    the first request of a batch, it waits up to `wait` seconds for others: callers that were answered
+    together send their next requests together, and a batch that started without them would leave the
+    labeler's concurrency idle until it ends."""
 
-    def __init__(self, judge: Judge, max_batch: int):
+    def __init__(self, judge: Judge, max_batch: int, wait: float = 0.0):
         self.judge = judge
         self.max_batch = max_batch
+        self.wait = wait
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="cai-serve-judge", daemon=True)
         self._thread.start()
@@ -341,9 +345,10 @@ class Batcher:
             if job is _STOP:
                 return
             jobs, size = [job], len(job.items)
+            deadline = time.monotonic() + self.wait
             while size < self.max_batch:
                 try:
-                    nxt = self._queue.get_nowait()
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if nxt is _STOP or size + len(nxt.items) > self.max_batch:
@@ -505,7 +510,7 @@ def create_app(cfg, judge: Judge):
 
     serve = cfg.serve
     token = service_token(cfg)
-    batcher = Batcher(judge, serve.max_batch)
+    batcher = Batcher(judge, serve.max_batch, serve.batch_wait)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

@@ -4,6 +4,7 @@ and the LoRA config."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -20,6 +21,9 @@ def device_arguments(bf16: bool | None = None, activation_checkpointing: bool | 
         activation_checkpointing=activation_checkpointing if activation_checkpointing is not None else gpu,
         dataloader_pin_memory=gpu,
         dataloader_num_workers=0,
+        # Several processes without CUDA (`accelerate launch --num_processes N` on CPUs): without this,
+        # transformers runs each FSDP process alone instead of as one gloo group.
+        use_cpu=not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
 
 

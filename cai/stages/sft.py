@@ -75,8 +75,12 @@ def run(cfg: Config) -> Path:
         if cfg.sft.merge_lora:
             trained = trained.merge_and_unload()
     trained.eval()
-    trained.save_pretrained(str(stage.path))
-    tokenizer.save_pretrained(str(stage.path))
+    if cfg.sft.lora:
+        if trainer.is_world_process_zero():
+            trained.save_pretrained(str(stage.path))
+            tokenizer.save_pretrained(str(stage.path))
+    else:  # the trainer gathers FSDP/ZeRO-3 shards and writes from the main process only
+        trainer.save_model(str(stage.path))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
         "train_loss": result.training_loss,
