@@ -243,6 +243,22 @@ class RLConfig(Section):
     max_refusal_rate: float = Field(0.5, ge=0, le=1, description="Monitor: warn when the refusal rate on helpful prompts exceeds this.")
     samples: int = Field(8, ge=0, description="Eval-split prompts the final policy answers for the report (rl/samples.jsonl).")
     group_size: int = Field(4, ge=2, description="GRPO/RLOO: answers per prompt; must divide batch_size.")
+    vllm: Literal["off", "colocate", "server"] = Field(
+        "off",
+        description="GRPO/RLOO: generate with vLLM (GPU only; passed to TRL's use_vllm/vllm_mode): colocate = inside "
+        "the training processes, server = a separate `trl vllm-serve` at rl.vllm_server_url.",
+    )
+    vllm_server_url: str | None = Field(
+        None, description="rl.vllm=server: the `trl vllm-serve` base URL (None = TRL's default, http://localhost:8000)."
+    )
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_for_trl_sampling(cls, value: str, info) -> str:
+        algorithm = info.data.get("algorithm")
+        if value != "off" and algorithm not in ("grpo", "rloo"):
+            raise ValueError(f"rl.vllm={value} applies to rl.algorithm=grpo or rloo, not {algorithm}")
+        return value
     dpo_beta: float = Field(0.1, gt=0, description="DPO beta.")
     dpo_label_smoothing: float | None = Field(
         None, ge=0, lt=0.5,

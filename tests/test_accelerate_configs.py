@@ -98,3 +98,36 @@ def test_sft_and_ppo_on_two_cpu_processes(name, tiny_config, tiny_model_dir, tmp
     summary = json.loads((rl_dir / "metrics.json").read_text())
     assert summary["processes"] == 2 and (rl_dir / "DONE").exists()
     assert changed_parameters(sft_dir, rl_dir) > 0
+
+
+# -------------------------------------------------------------------------------------------------
+# rl.vllm: TRL's GRPO/RLOO generation on vLLM, passed through (GPU only; checked here on CPU)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_rl_vllm_reaches_trl_config(algorithm, mode):
+    from trl import GRPOConfig, RLOOConfig
+
+    from cai.config import load_config
+    from cai.stages.rl_trl import vllm_arguments
+
+    rl = load_config(None, [f"rl.algorithm={algorithm}", f"rl.vllm={mode}", "rl.vllm_server_url=http://10.0.0.5:8000"]).rl
+    config_cls = GRPOConfig if algorithm == "grpo" else RLOOConfig
+    args = config_cls(output_dir="unused", bf16=False, **vllm_arguments(rl))
+    assert args.use_vllm and args.vllm_mode == mode
+    if mode == "server":
+        assert args.vllm_server_base_url == "http://10.0.0.5:8000"
+    assert vllm_arguments(load_config(None, []).rl) == {}  # off by default: TRL generates with transformers
+
+
+def test_rl_vllm_refused_without_a_gpu_or_for_other_algorithms(tiny_config, monkeypatch):
+    from cai.errors import CaiError
+    from cai.stages import rl_trl
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(CaiError, match=r"rl.vllm=colocate needs CUDA GPUs"):
+        rl_trl.run(tiny_config("rl.algorithm=grpo", "rl.vllm=colocate"))
+    for algorithm in ("dpo", "ppo"):
+        with pytest.raises(CaiError, match=rf"rl.vllm=server applies to rl.algorithm=grpo or rloo, not {algorithm}"):
+            tiny_config(f"rl.algorithm={algorithm}", "rl.vllm=server")

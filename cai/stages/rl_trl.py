@@ -37,6 +37,16 @@ def trl_reward(reward_fn):
     return cai_reward
 
 
+def vllm_arguments(rl) -> dict:
+    """`rl.vllm` as TRL's GRPOConfig/RLOOConfig arguments (generation on vLLM; GPU only)."""
+    if rl.vllm == "off":
+        return {}
+    args = {"use_vllm": True, "vllm_mode": rl.vllm}
+    if rl.vllm == "server" and rl.vllm_server_url:
+        args["vllm_server_base_url"] = rl.vllm_server_url
+    return args
+
+
 def dpo_dataset(cfg: Config):
     """prefs/dataset, oriented so that chosen is the preferred answer, low-confidence pairs dropped."""
     import datasets
@@ -100,6 +110,11 @@ def run(cfg: Config) -> Path:
     from cai.stages.rl import check_tracker
 
     rl = cfg.rl
+    if rl.vllm != "off":  # TRL's vLLM generation (GPU only)
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CaiError(f"rl.vllm={rl.vllm} needs CUDA GPUs and `pip install vllm`; set rl.vllm=off on this machine")
     sft_dir = require_done(cfg, "sft", "rl")
     check_tracker(rl.log_with)
     if rl.algorithm in ("grpo", "rloo") and rl.batch_size % rl.group_size:
@@ -148,7 +163,7 @@ def run(cfg: Config) -> Path:
         args = config_cls(
             **common_args(cfg, checkpoints), num_generations=rl.group_size, beta=rl.kl_coef,
             max_completion_length=rl.max_new_tokens or cfg.policy.max_new_tokens, temperature=rl.temperature,
-            num_iterations=rl.ppo_epochs, epsilon=rl.clip_eps,
+            num_iterations=rl.ppo_epochs, epsilon=rl.clip_eps, **vllm_arguments(rl),
         )
         reward_fn, _ = load_reward_fn(cfg, model.device)
         trainer = trainer_cls(model=model, reward_funcs=trl_reward(reward_fn), args=args, train_dataset=dataset,

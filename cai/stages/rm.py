@@ -220,8 +220,12 @@ def run(cfg: Config) -> Path:
         "sft_samples_normalized": distribution([(r - mean) / std for r in raw]),
     }
     trained.config.pad_token_id = tokenizer.pad_token_id
-    trained.save_pretrained(str(stage.path))
-    tokenizer.save_pretrained(str(stage.path))
+    if cfg.rm.lora:
+        if trainer.is_world_process_zero():
+            trained.save_pretrained(str(stage.path))
+            tokenizer.save_pretrained(str(stage.path))
+    else:  # the trainer gathers FSDP/ZeRO-3 shards and writes from the main process only
+        trainer.save_model(str(stage.path))
     atomic_write_json(stage.path / NORMALIZATION, {"mean": mean, "std": std})
     atomic_write_json(stage.path / SCORING, {"system_prompt": cfg.policy.system_prompt, "max_length": cfg.rm.max_length})
     atomic_write_json(stage.path / "metrics.json", metrics)
