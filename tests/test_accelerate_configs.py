@@ -131,3 +131,32 @@ def test_rl_vllm_refused_without_a_gpu_or_for_other_algorithms(tiny_config, monk
     for algorithm in ("dpo", "ppo"):
         with pytest.raises(CaiError, match=rf"rl.vllm=server applies to rl.algorithm=grpo or rloo, not {algorithm}"):
             tiny_config(f"rl.algorithm={algorithm}", "rl.vllm=server")
+
+
+# -------------------------------------------------------------------------------------------------
+# The multi-node Slurm script (docs/slurm_accelerate.sh), with srun, scontrol and accelerate stubbed
+
+
+def test_slurm_script_gives_each_node_its_rank_and_the_main_address(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {
+        "scontrol": 'printf "gpu-node-07\\ngpu-node-08\\n"',
+        # srun runs its command once per node, as Slurm would, with that node's SLURM_NODEID
+        "srun": 'shift; for node in 0 1; do SLURM_NODEID=$node "$@"; done',
+        "accelerate": 'echo "node $SLURM_NODEID: accelerate $*"',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "gpu-node-[07-08]", "SLURM_NNODES": "2"}
+    done = subprocess.run(["bash", "docs/slurm_accelerate.sh", "rl", "configs/full.yaml", "rl.algorithm=grpo"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"node {rank}: accelerate launch --config_file configs/accelerate/fsdp.yaml")
+        assert f"--machine_rank {rank} " in line and "--num_machines 2 --num_processes 16" in line
+        assert "--main_process_ip gpu-node-07 --main_process_port 29500" in line
+        assert line.endswith("-m cai rl configs/full.yaml rl.algorithm=grpo")
