@@ -58,3 +58,14 @@ def lora_config(section, task_type: str):
     from peft import LoraConfig
 
     return LoraConfig(r=section.lora_r, lora_alpha=section.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type=task_type)
+
+
+def save_trained(trainer, trained, tokenizer, path: Path, lora: bool) -> None:
+    """A stage's trained model and tokenizer to `path`, written by the main process only (under
+    `accelerate launch` every process gets here). A full fine-tune is saved through the trainer, which
+    first gathers FSDP or ZeRO-3 shards; a merged LoRA model is whole on every process."""
+    if not lora:
+        trainer.save_model(str(path))
+    elif trainer.is_world_process_zero():
+        trained.save_pretrained(str(path))
+        tokenizer.save_pretrained(str(path))

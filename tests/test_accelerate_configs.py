@@ -1,5 +1,5 @@
 """configs/accelerate/: every file loads with accelerate's own loader and opens with its command; DDP
-and FSDP run `sft` and PPO over two CPU processes (gloo) and save a model that loads. The DeepSpeed
+and FSDP run `sft`, `rm` and PPO over two CPU processes (gloo) and save models that load. The DeepSpeed
 files are validated, not run: DeepSpeed needs GPUs (docs/scale.md says so).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from cai.config import to_yaml
 from cai.records import mark_done
@@ -72,7 +72,7 @@ def changed_parameters(before_dir, after_dir) -> int:
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])
-def test_sft_and_ppo_on_two_cpu_processes(name, tiny_config, tiny_model_dir, tmp_path, monkeypatch):
+def test_sft_rm_and_ppo_on_two_cpu_processes(name, tiny_config, tiny_model_dir, tmp_path, monkeypatch):
     from cai.stages import sl
 
     monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None: ScriptedLabeler())
@@ -91,6 +91,16 @@ def test_sft_and_ppo_on_two_cpu_processes(name, tiny_config, tiny_model_dir, tmp
     assert changed_parameters(tiny_model_dir, sft_dir) > 5  # trained, and saved whole: it loads
     metrics = json.loads((sft_dir / "metrics.json").read_text())
     assert metrics["steps"] == math.ceil(metrics["examples"] / (2 * 2))  # two processes of 2 examples per step
+
+    from cai.stages import prefs
+
+    monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None: ScriptedLabeler())
+    prefs.run(cfg)
+    done = launch(config_file, "rm", run_config)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rm_dir = Path(cfg.output_dir) / "rm"
+    assert (rm_dir / "DONE").exists() and (rm_dir / "normalization.json").exists()
+    AutoModelForSequenceClassification.from_pretrained(rm_dir)  # saved whole: it loads
 
     done = launch(config_file, "rl", run_config)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -30,7 +30,7 @@ from cai.preferences import check_preference_dataset
 from cai.records import atomic_write_json, read_jsonl
 from cai.rewards import NORMALIZATION, SCORING, conversation, score_conversations
 from cai.stages import open_stage, require_done
-from cai.training import lora_config, trainer_arguments
+from cai.training import lora_config, save_trained, trainer_arguments
 
 
 def soft_label_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, label_prob: torch.Tensor) -> torch.Tensor:
@@ -220,12 +220,7 @@ def run(cfg: Config) -> Path:
         "sft_samples_normalized": distribution([(r - mean) / std for r in raw]),
     }
     trained.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.rm.lora:
-        if trainer.is_world_process_zero():
-            trained.save_pretrained(str(stage.path))
-            tokenizer.save_pretrained(str(stage.path))
-    else:  # the trainer gathers FSDP/ZeRO-3 shards and writes from the main process only
-        trainer.save_model(str(stage.path))
+    save_trained(trainer, trained, tokenizer, stage.path, lora=cfg.rm.lora)
     atomic_write_json(stage.path / NORMALIZATION, {"mean": mean, "std": std})
     atomic_write_json(stage.path / SCORING, {"system_prompt": cfg.policy.system_prompt, "max_length": cfg.rm.max_length})
     atomic_write_json(stage.path / "metrics.json", metrics)

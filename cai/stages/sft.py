@@ -18,7 +18,7 @@ from cai.config import Config
 from cai.errors import CaiError
 from cai.records import atomic_write_json
 from cai.stages import open_stage, require_done
-from cai.training import lora_config, trainer_arguments
+from cai.training import lora_config, save_trained, trainer_arguments
 
 
 def to_prompt_completion(example: dict) -> dict:
@@ -75,12 +75,7 @@ def run(cfg: Config) -> Path:
         if cfg.sft.merge_lora:
             trained = trained.merge_and_unload()
     trained.eval()
-    if cfg.sft.lora:
-        if trainer.is_world_process_zero():
-            trained.save_pretrained(str(stage.path))
-            tokenizer.save_pretrained(str(stage.path))
-    else:  # the trainer gathers FSDP/ZeRO-3 shards and writes from the main process only
-        trainer.save_model(str(stage.path))
+    save_trained(trainer, trained, tokenizer, stage.path, lora=cfg.sft.lora)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
         "train_loss": result.training_loss,
