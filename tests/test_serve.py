@@ -473,3 +473,42 @@ def post_quietly(url, payload):
         post(url, payload)
     except OSError:
         pass  # the service was killed under it
+
+
+class ShorterIsBetter(JudgeLabeler):
+    """Prefers the shorter of two answers (any text), so that a policy's random samples can be judged."""
+
+    def choose(self, requests, desc=None, **kwargs):
+        self.choose_calls.append(len(requests))
+        out = []
+        for r in requests:
+            self.usage.requests += 1
+            a, b = shown(r.messages[-1]["content"] + "\n")
+            p = 1 / (1 + math.exp((len(a) - len(b)) / 10))
+            out.append(Choice([p, 1 - p], method="logprobs"))
+        return out
+
+
+def test_trl_grpo_trainer_trains_on_the_service_reward(tmp_path, tiny_model_dir):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from cai.integrations import TRLReward
+
+    labeler = ShorterIsBetter()
+    with served(tmp_path, "serve.mode=group", "prefs.principles_per_pair=1", labeler=labeler) as service:
+        prompts = [[{"role": "user", "content": p}] for p in ("How do I bake bread?", "Explain why this is wrong.")]
+        args = GRPOConfig(output_dir=str(tmp_path / "grpo"), max_steps=2, per_device_train_batch_size=4,
+                          num_generations=4, max_completion_length=8, logging_steps=1, report_to="none",
+                          bf16=False, use_cpu=True, save_strategy="no")
+        trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                              reward_funcs=[TRLReward(service.url)], args=args,
+                              train_dataset=datasets.Dataset.from_dict({"prompt": prompts * 4}),
+                              processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+        trainer.train()
+    logged = [e for e in trainer.state.log_history if "rewards/cai_judge/mean" in e]
+    assert len(logged) == 2
+    # group win rates: every group of 4 answers to one prompt averages 0.5, and they differ within it
+    assert all(e["rewards/cai_judge/mean"] == pytest.approx(0.5) and e["rewards/cai_judge/std"] > 0 for e in logged)
+    assert sum(labeler.choose_calls) == 2 * 6 * 1 * 2  # per step: 6 pairs x 1 principle x 2 orders
