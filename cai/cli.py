@@ -151,6 +151,16 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from cai.config import load_config
+    from cai.serve import serve
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    serve(cfg)
+    return 0
+
+
 def cmd_config_keys(args) -> int:
     from cai.config import config_keys
 
@@ -212,6 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.add_argument("--model", help="clear only this model's answers")
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser(
+        "serve",
+        help="the constitutional judge as an HTTP reward service (OpenRLHF /get_reward, cai /v1/score)",
+        description="Serve the run's constitution and labeler as a reward: pointwise 1-10 ratings, pairwise "
+        "P(better than a reference), or group-wise debiased win rates (serve.mode). Binds serve.host:serve.port "
+        "(127.0.0.1:8000); a bearer token from $CAI_SERVE_TOKEN is required when set, and to bind any other "
+        "address. See docs/serve.md.",
+    )
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. serve.mode=group serve.port=8001")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("config-keys", help="list every config key with its help text and default")
     p.set_defaults(func=cmd_config_keys)

@@ -252,6 +252,22 @@ class RLConfig(Section):
     max_refusal_rate: float = Field(0.5, ge=0, le=1, description="Monitor: warn when the refusal rate on helpful prompts exceeds this.")
     samples: int = Field(8, ge=0, description="Eval-split prompts the final policy answers for the report (rl/samples.jsonl).")
     group_size: int = Field(4, ge=2, description="GRPO/RLOO: answers per prompt; must divide batch_size.")
+    vllm: Literal["off", "colocate", "server"] = Field(
+        "off",
+        description="GRPO/RLOO: generate with vLLM (GPU only; passed to TRL's use_vllm/vllm_mode): colocate = inside "
+        "the training processes, server = a separate `trl vllm-serve` at rl.vllm_server_url.",
+    )
+    vllm_server_url: str | None = Field(
+        None, description="rl.vllm=server: the `trl vllm-serve` base URL (None = TRL's default, http://localhost:8000)."
+    )
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_for_trl_sampling(cls, value: str, info) -> str:
+        algorithm = info.data.get("algorithm")
+        if value != "off" and algorithm not in ("grpo", "rloo"):
+            raise ValueError(f"rl.vllm={value} applies to rl.algorithm=grpo or rloo, not {algorithm}")
+        return value
     dpo_beta: float = Field(0.1, gt=0, description="DPO beta.")
     dpo_label_smoothing: float | None = Field(
         None, ge=0, lt=0.5,
@@ -320,6 +336,43 @@ class EvalConfig(Section):
         return out
 
 
+class ServeConfig(Section):
+    """`cai serve` (owner: serve.py): the constitutional judge as an HTTP reward service. docs/serve.md."""
+
+    mode: Literal["pointwise", "pairwise", "group"] = Field(
+        "pointwise",
+        description="pointwise: the labeler's 1-10 rating scaled to [-1, 1] (d-RLAIF); pairwise: P(answer better "
+        "than a reference); group: each answer's debiased win rate against the others of its group (GRPO).",
+    )
+    host: str = Field("127.0.0.1", description="Address to bind; anything but loopback needs a token in $serve.token_env.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port, printed at start).")
+    token_env: str = Field(
+        "CAI_SERVE_TOKEN", description="Environment variable holding the bearer token callers must send (when set)."
+    )
+    principles_per_pair: int | None = Field(
+        None, ge=1, description="Comparison principles per pair in pairwise/group mode (None = prefs.principles_per_pair)."
+    )
+    reference: Literal["caller", "sample"] = Field(
+        "caller",
+        description="Pairwise: the reference answer is sent by the caller, or sampled by the service from serve.reference_model.",
+    )
+    reference_model: str | None = Field(
+        None, description="Model that writes sampled references (None = the sft stage's output if finished, else policy.model)."
+    )
+    max_request_bytes: int = Field(8_000_000, ge=1024, description="Larger request bodies are refused (HTTP 413).")
+    max_items: int = Field(1024, ge=1, description="Most answers scored in one request (more: HTTP 413).")
+    max_batch: int = Field(4096, ge=1, description="Most answers merged from concurrent requests into one labeler batch.")
+    batch_wait: float = Field(
+        0.05, ge=0, description="Seconds the judge waits after a request for others to join its labeler batch."
+    )
+    request_timeout: float = Field(
+        600.0, gt=0, description="Seconds a request waits for its scores; then each unscored item is answered with a timeout error."
+    )
+    failed_reward: float | None = Field(
+        None, description="Reward sent for an item that could not be scored where a number is required (None = the mode's neutral value)."
+    )
+
+
 class Config(Section):
     output_dir: str = Field("out/run", description="Folder that receives every stage's output.")
     seed: int = Field(0, description="Seed for splits, principle sampling and generation.")
@@ -339,6 +392,7 @@ class Config(Section):
     rm: RMConfig = Field(default_factory=RMConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
 # ---------------------------------------------------------------------------------------------

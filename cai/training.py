@@ -9,6 +9,7 @@ small updates."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -36,6 +37,9 @@ def device_arguments(bf16: bool | None = None, activation_checkpointing: bool | 
         activation_checkpointing=activation_checkpointing if activation_checkpointing is not None else gpu,
         dataloader_pin_memory=gpu,
         dataloader_num_workers=0,
+        # Several processes without CUDA (`accelerate launch --num_processes N` on CPUs): without this,
+        # transformers runs each FSDP process alone instead of as one gloo group.
+        use_cpu=not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
 
 
@@ -87,3 +91,14 @@ def check_tracker(log_with: str) -> None:
     available = {"none": True, "tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
     if not available[log_with]:
         raise CaiError(f"rl.log_with={log_with} needs the {log_with} package: pip install {log_with}")
+
+
+def save_trained(trainer, trained, tokenizer, path: Path, lora: bool) -> None:
+    """A stage's trained model and tokenizer to `path`, written by the main process only (under
+    `accelerate launch` every process gets here). A full fine-tune is saved through the trainer, which
+    first gathers FSDP or ZeRO-3 shards; a merged LoRA model is whole on every process."""
+    if not lora:
+        trainer.save_model(str(path))
+    elif trainer.is_world_process_zero():
+        trained.save_pretrained(str(path))
+        tokenizer.save_pretrained(str(path))

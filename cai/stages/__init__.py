@@ -19,6 +19,7 @@ reruns it instead.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -153,6 +154,8 @@ class Stage:
     started: float
 
     def finish(self, summary: str) -> Path:
+        if process_rank() != 0:  # under `accelerate launch`, the main process marks and reports
+            return self.path
         mark_done(self.path, self.fingerprint)
         print(f"[{self.name}] done in {time.time() - self.started:.0f}s: {summary} -> {self.path}")
         return self.path
@@ -178,12 +181,33 @@ def require_done(cfg: Config, stage: str, needed_by: str) -> Path:
     return path
 
 
+def process_rank() -> int:
+    """This process's rank under `accelerate launch` or torchrun (0 when it runs alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _await_main_process(stage: str, path: Path, fingerprint: str, started: float, timeout: float = 900.0) -> Stage:
+    """Another process than the main one: wait until the main process has prepared the folder."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if is_done(path, fingerprint):
+            return Stage(stage, path, fingerprint, done=True, resumed=False, started=started)
+        marker = path / FINGERPRINT
+        if marker.exists() and marker.read_text().strip() == fingerprint and (path / "provenance.json").exists():
+            return Stage(stage, path, fingerprint, done=False, resumed=False, started=started)
+        time.sleep(0.2)
+    raise CaiError(f"process {process_rank()}: the main process did not prepare {path} within {timeout:.0f} s")
+
+
 def open_stage(cfg: Config, stage: str, force: bool = False, uses_labeler: bool = False) -> Stage:
     """Prepare `output_dir/<stage>/`: skip, resume or start afresh, and write the provenance files.
-    With `uses_labeler`, an API labeler's key is checked first, so a missing one leaves no folder."""
+    With `uses_labeler`, an API labeler's key is checked first, so a missing one leaves no folder.
+    Under `accelerate launch`, only the main process prepares; the others wait for it."""
     path = stage_dir(cfg, stage)
     fingerprint = stage_fingerprint(cfg, stage)
     started = time.time()
+    if process_rank() != 0:
+        return _await_main_process(stage, path, fingerprint, started)
     if not force and is_done(path, fingerprint):
         print(f"[{stage}] already complete with this config, skipping ({path})")
         return Stage(stage, path, fingerprint, done=True, resumed=False, started=started)

@@ -39,6 +39,16 @@ def trl_reward(reward_fn):
     return cai_reward
 
 
+def vllm_arguments(rl) -> dict:
+    """`rl.vllm` as TRL's GRPOConfig/RLOOConfig arguments (generation on vLLM; GPU only)."""
+    if rl.vllm == "off":
+        return {}
+    args = {"use_vllm": True, "vllm_mode": rl.vllm}
+    if rl.vllm == "server" and rl.vllm_server_url:
+        args["vllm_server_base_url"] = rl.vllm_server_url
+    return args
+
+
 def dpo_dataset(cfg: Config):
     """prefs/dataset, oriented so that chosen is the preferred answer, low-confidence pairs dropped."""
     import datasets
@@ -103,6 +113,11 @@ def common_args(cfg: Config, output_dir: Path) -> dict:
 
 def run(cfg: Config) -> Path:
     rl = cfg.rl
+    if rl.vllm != "off":  # TRL's vLLM generation (GPU only)
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CaiError(f"rl.vllm={rl.vllm} needs CUDA GPUs and `pip install vllm`; set rl.vllm=off on this machine")
     sft_dir = require_done(cfg, "sft", "rl")
     check_tracker(rl.log_with)
     if rl.algorithm in ("grpo", "rloo") and rl.batch_size % rl.group_size:
@@ -152,9 +167,11 @@ def run(cfg: Config) -> Path:
         args = config_cls(
             **common_args(cfg, checkpoints), num_generations=rl.group_size, beta=rl.kl_coef,
             max_completion_length=rl.max_new_tokens or cfg.policy.max_new_tokens, temperature=rl.temperature,
-            num_iterations=rl.ppo_epochs, epsilon=rl.clip_eps,
-            # exactly softmax(logits / T): none of the model's shipped penalties, top-k or min-p
-            generation_kwargs=sampling_kwargs(rl.temperature),
+            num_iterations=rl.ppo_epochs, epsilon=rl.clip_eps, **vllm_arguments(rl),
+            # exactly softmax(logits / T): none of the model's shipped penalties, top-k or min-p. These are
+            # transformers' generate() names; under rl.vllm TRL hands generation_kwargs to vLLM, whose
+            # sampling parameters differ, so there the vLLM defaults apply (see docs/scale.md).
+            generation_kwargs=sampling_kwargs(rl.temperature) if rl.vllm == "off" else None,
         )
         reward_fn, _ = load_reward_fn(cfg, model.device)
         trainer = trainer_cls(model=model, reward_funcs=trl_reward(reward_fn), args=args, train_dataset=dataset,

@@ -34,7 +34,7 @@ from cai.records import atomic_write_json, read_jsonl
 from cai.rewards import NORMALIZATION, SCORING, score_conversations
 from cai.stages import open_stage, require_done
 from cai.templates import Templates
-from cai.training import last_checkpoint, lora_config, trainer_arguments
+from cai.training import last_checkpoint, lora_config, save_trained, trainer_arguments
 
 
 def soft_label_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, label_prob: torch.Tensor) -> torch.Tensor:
@@ -218,8 +218,7 @@ def run(cfg: Config) -> Path:
         "sft_samples_normalized": distribution([(r - mean) / std for r in raw]),
     }
     trained.config.pad_token_id = tokenizer.pad_token_id
-    trained.save_pretrained(str(stage.path))
-    tokenizer.save_pretrained(str(stage.path))
+    save_trained(trainer, trained, tokenizer, stage.path, lora=cfg.rm.lora)
     atomic_write_json(stage.path / NORMALIZATION, {"mean": mean, "std": std})
     atomic_write_json(
         stage.path / SCORING,

@@ -19,7 +19,7 @@ from cai.config import Config
 from cai.errors import CaiError
 from cai.records import atomic_write_json
 from cai.stages import open_stage, require_done
-from cai.training import last_checkpoint, lora_config, trainer_arguments
+from cai.training import last_checkpoint, lora_config, save_trained, trainer_arguments
 
 
 def to_prompt_completion(example: dict) -> dict:
@@ -74,8 +74,7 @@ def run(cfg: Config) -> Path:
         if cfg.sft.merge_lora:
             trained = trained.merge_and_unload()
     trained.eval()
-    trained.save_pretrained(str(stage.path))
-    tokenizer.save_pretrained(str(stage.path))
+    save_trained(trainer, trained, tokenizer, stage.path, lora=cfg.sft.lora)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
         "train_loss": result.training_loss,
