@@ -26,20 +26,19 @@ def device_arguments(bf16: bool | None = None, activation_checkpointing: bool | 
     precision = mixed_precision(dtype, default_device())
     bf16 = bf16 if bf16 is not None else precision == "bf16"
     fp16 = not bf16 and precision == "fp16"
-    # transformers refuses bf16 on a machine without an accelerator unless told it is the CPU.
     on_cpu = not gpu and not torch.backends.mps.is_available()
     return dict(
         bf16=bf16,
         fp16=fp16,
-        use_cpu=on_cpu and (bf16 or fp16),
+        # transformers refuses bf16/fp16 without an accelerator unless told it is the CPU; and several
+        # processes without CUDA (`accelerate launch --num_processes N` on CPUs) would otherwise each run
+        # alone instead of as one gloo group.
+        use_cpu=on_cpu and (bf16 or fp16 or int(os.environ.get("WORLD_SIZE", "1")) > 1),
         # TRL turns activation checkpointing on by default; on a CPU, where memory is rarely what
         # runs out, recomputing every layer's activations only costs time.
         activation_checkpointing=activation_checkpointing if activation_checkpointing is not None else gpu,
         dataloader_pin_memory=gpu,
         dataloader_num_workers=0,
-        # Several processes without CUDA (`accelerate launch --num_processes N` on CPUs): without this,
-        # transformers runs each FSDP process alone instead of as one gloo group.
-        use_cpu=not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
 
 
