@@ -57,7 +57,9 @@ class ChoiceRequest:
 @dataclass
 class Choice:
     probs: list[float] | None  # one per option, summing to 1; None when failed/unparseable
-    method: Literal["logits", "logprobs", "votes", "none"] = "none"
+    # logits: a local model's next-token probabilities after the prefilled prefix; logprobs+prefill: an
+    # API's log-probabilities there; logprobs: the label found in the model's own answer; votes: sampled
+    method: Literal["logits", "logprobs+prefill", "logprobs", "votes", "none"] = "none"
     status: Status = "ok"
     raw: str | None = None  # raw answer text(s) when parsed from generations
     error: str | None = None
