@@ -642,6 +642,10 @@ class ApiLabeler:
             except _ItemFailed as err:
                 log.info("labeler %s: prefilling by %s refused (%s)", self.id, way, err)
                 continue
+            if reply.logprobs is None and self.choice_method == "auto":  # none at all: votes, no more probes
+                self._prefill_way, self._logprobs_known = None, True
+                self._no_logprobs("the server returns no log-probabilities")
+                return None
             if not reply.logprobs or option_of_token(reply.logprobs[0][0], request.options) is None:
                 log.info("labeler %s: the server ignores a prefill by %s (answer %r)", self.id, way, reply.text[:40])
                 continue
@@ -661,11 +665,10 @@ class ApiLabeler:
         """A Choice; None when the server turns out to return no log-probabilities (votes are used
         from then on); _REJECTED when it answered the request with a 400."""
         base = self._render(request.messages)
-        if self._prefill_way == _UNKNOWN:
-            if request.answer_prefix:
-                found = await self._find_prefill_way(client, base, request)
-                if found is not None:
-                    return found
+        if self._prefill_way == _UNKNOWN and request.answer_prefix:
+            found = await self._find_prefill_way(client, base, request)
+            if found is not None or not self._logprobs_ok:
+                return found
         prefix = request.answer_prefix if self._prefill_way not in (None, _UNKNOWN) else ""
         way = self._prefill_way if prefix else None
         method = "logprobs+prefill" if prefix else "logprobs"
