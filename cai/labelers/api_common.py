@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 from tqdm.auto import tqdm
 
 from cai.errors import CaiError
-from cai.labelers.base import BudgetExceeded, Choice, ChoiceRequest, GenerateRequest, Generation, Usage
+from cai.labelers.base import CHOICE_METHODS, BudgetExceeded, Choice, ChoiceRequest, GenerateRequest, Generation, Usage
 from cai.labelers.parsing import is_refusal, option_of_token, parse_choice, probs_from_logprobs
 
 log = logging.getLogger(__name__)
@@ -186,15 +186,6 @@ _REJECTED = object()  # a log-probability request answered with a 400
 
 
 _UNKNOWN = "unknown"  # the prefill way before the first choice has tried them
-
-# How each way of reading a choice is described in the usage (labeler_usage.json, the audit).
-ASKED = {
-    "logits": "next-token probabilities after the prefilled answer prefix (local model)",
-    "logprobs+prefill": "log-probabilities of the label after the prefilled answer prefix",
-    "logprobs": "log-probabilities of the label, found in the model's own answer (no prefill)",
-    "votes": "votes: sampled answers, parsed",
-}
-
 
 class _ItemFailed(Exception):
     def __init__(self, message: str, status: int | None = None):
@@ -618,10 +609,10 @@ class ApiLabeler:
     def asked(self) -> str:
         """How this labeler asks its choices, in words (for labeler_usage.json and the audit)."""
         if not self._logprobs_ok:
-            return ASKED["votes"] + (" after the prefilled answer prefix" if self._prefill_ok else "")
+            return CHOICE_METHODS["votes"] + (" after the prefilled answer prefix" if self._prefill_ok else "")
         if self._prefill_way in (None, _UNKNOWN):
-            return ASKED["logprobs"]
-        return f"{ASKED['logprobs+prefill']} ({self._prefill_way})"
+            return CHOICE_METHODS["logprobs"]
+        return f"{CHOICE_METHODS['logprobs+prefill']} ({self._prefill_way})"
 
     async def _can_prefill(self, client, way: str) -> bool:
         """Whether `way` can be tried at all (a backend may need something first, such as a template)."""

@@ -54,6 +54,15 @@ class ChoiceRequest:
     sample_index: int = 0
 
 
+# Each way a choice is read, in words (labeler_usage.json, `cai audit-labeler`).
+CHOICE_METHODS = {
+    "logits": "next-token probabilities after the prefilled answer prefix (local model)",
+    "logprobs+prefill": "log-probabilities of the label after the prefilled answer prefix",
+    "logprobs": "log-probabilities of the label, found in the model's own answer (no prefill)",
+    "votes": "votes: sampled answers, parsed",
+}
+
+
 @dataclass
 class Choice:
     probs: list[float] | None  # one per option, summing to 1; None when failed/unparseable
