@@ -70,6 +70,8 @@ PREFILL_LOGPROB_MAX_TOKENS = 2  # after a prefilled prefix: the label, and what 
 VOTE_MAX_TOKENS = 16  # a vote without prefill may say "The answer is (A)"
 PREFILL_VOTE_MAX_TOKENS = 4  # after "The answer is: (" the label comes next
 
+CHOICE_READER = 2  # 2: the label found past a preamble, prefill ways, votes when no label shows
+
 RETRYABLE_STATUS = {408, 409, 425, 429}
 MAX_RETRY_AFTER = 300.0  # seconds: a server asking for longer (a spent daily quota) gets the item failed sooner
 FATAL_STATUS = {401: "rejected the API key", 403: "refused access", 404: "does not know the model or endpoint"}
@@ -303,7 +305,9 @@ class ApiLabeler:
         params = {"backend": self.backend, "model": self.model, "base_url": self.base_url,
                   "system_prompt": self.system_prompt}
         if kind == "choose":
-            params.update(choice_method=self.choice_method, vote_samples=self.vote_samples)
+            # `reader`: how choices are read (prefill, where the label is found); a change makes the
+            # choices of earlier versions, unreadable ones among them, misses instead of answers
+            params.update(choice_method=self.choice_method, vote_samples=self.vote_samples, reader=CHOICE_READER)
         return params
 
     def generate(
