@@ -185,9 +185,8 @@ class _Stop(Exception):
 
 
 _REJECTED = object()  # a log-probability request answered with a 400
-
-
 _UNKNOWN = "unknown"  # the prefill way before the first choice has tried them
+
 
 class _ItemFailed(Exception):
     def __init__(self, message: str, status: int | None = None):
