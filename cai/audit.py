@@ -9,7 +9,10 @@ configured), and its verdicts are scored against the gold answers:
 - position-flip rate: how often a principle's pick changes when the order of the answers does, and
   how often option (A) is picked at all (0.5 = no position preference);
 - length bias: how often the longer answer wins, against how often it is the gold answer;
-- calibration: expected calibration error of the soft label (10 bins of confidence).
+- calibration: expected calibration error of the soft label (10 bins of confidence);
+- how the labeler asked (next-token probabilities, log-probabilities with or without a prefilled
+  answer, votes) and the share of principle questions it could read at all: an API labeler whose
+  answers cannot be read shows it here in a minute, before a prefs stage spends its budget.
 
 The default gold set is the 438 helpful/honest/harmless comparisons published with the Constitutional
 AI paper (`cai/data/hhh_438.jsonl`). Each row's multiple-choice prompt is taken apart into the
@@ -29,7 +32,8 @@ from pathlib import Path
 from cai.chat import conversation
 from cai.errors import CaiError
 from cai.records import numbered_jsonl
-from cai.preferences import ORDERS, JudgeSettings, PairItem, judge_pairs, position_flip
+from cai.labelers.base import CHOICE_METHODS
+from cai.preferences import ORDERS, JudgeSettings, PairItem, judge_pairs, position_flip, readable_share
 
 DEFAULT_GOLD = Path(__file__).resolve().parent / "data" / "hhh_438.jsonl"
 
@@ -116,10 +120,21 @@ def audit_metrics(gold: list[GoldPair], judgements) -> dict:
     def hit(g: GoldPair, p_first: float) -> float:
         return 0.5 if p_first == 0.5 else float((p_first > 0.5) == (g.correct == 0))
 
+    read, asked = readable_share(judgements)
+    methods: dict[str, int] = {}
+    for j in judgements:
+        for e in j.principles:
+            for o in e["orders"].values():
+                if o.get("status") == "ok" and o.get("method"):
+                    methods[o["method"]] = methods.get(o["method"], 0) + 1
     metrics: dict = {
         "pairs": len(gold),
         "labeled": n,
         "unlabeled": {s: sum(j.status == s for j in judgements) for s in ("unparseable", "failed")},
+        "questions_asked": asked,
+        "questions_read": read,
+        "readable_share": read / asked if asked else None,
+        "choices_by_method": methods,
     }
     if not n:
         return metrics
@@ -158,7 +173,11 @@ def format_table(report: dict) -> str:
     def pct(key: str) -> str:
         return f"{100 * m[key]:.1f}%" if m.get(key) is not None else "n/a"
 
+    methods = ", ".join(f"{k} {v}" for k, v in sorted(m.get("choices_by_method", {}).items(), key=lambda kv: -kv[1]))
     rows = [
+        ("how the labeler asked", report.get("asked") or "n/a"),
+        ("choices read by", methods or "none"),
+        ("principle questions read", f"{m.get('questions_read', 'n/a')} of {m.get('questions_asked', 'n/a')} ({pct('readable_share')})"),
         ("gold pairs labeled", f"{m['labeled']} of {m['pairs']}"
          + (f" ({m['unlabeled']['unparseable']} unreadable, {m['unlabeled']['failed']} failed)" if m["labeled"] < m["pairs"] else "")),
         ("accuracy (both orders, ensembled)", pct("accuracy")),
@@ -229,6 +248,12 @@ def run_audit(cfg, gold: str | None = None, limit: int | None = None, principles
         usage = labeler.usage.as_dict()
     finally:
         labeler.close()
+    metrics = audit_metrics(pairs, judgements)
+    # how it asked: the API labeler says so itself; otherwise the method its choices carry
+    asked = usage.get("choice_asked")
+    if asked is None and metrics["choices_by_method"]:
+        top = max(metrics["choices_by_method"], key=metrics["choices_by_method"].get)
+        asked = CHOICE_METHODS.get(top, top)
     report = {
         "labeler": labeler.id,
         "gold": f"{gold_path.name} ({len(pairs)} pairs{', seeded sample' if limit else ''})",
@@ -236,7 +261,8 @@ def run_audit(cfg, gold: str | None = None, limit: int | None = None, principles
         "chain_of_thought": settings.chain_of_thought,
         "few_shot": settings.few_shot,
         "seconds": round(time.time() - started, 1),
-        "metrics": audit_metrics(pairs, judgements),
+        "asked": asked,
+        "metrics": metrics,
         "usage": usage,
         "items": [
             {"id": p.item.id, "correct": p.correct, **j.as_dict()} for p, j in zip(pairs, judgements)

@@ -277,6 +277,36 @@ def judge_pairs(
     return judgements
 
 
+UNREADABLE_STOP_SHARE = 0.9  # of a first batch's principle questions: the labeler cannot answer choices
+
+
+def readable_share(judgements: list[PairJudgement]) -> tuple[int, int]:
+    """(principle questions read, principle questions asked) over `judgements`; a question is read
+    when both its orders gave a probability."""
+    entries = [e for j in judgements for e in j.principles]
+    return sum(e["status"] == "ok" for e in entries), len(entries)
+
+
+def check_labeler_reads(judgements: list[PairJudgement], labeler_id: str, asked: str | None, choice_method: str) -> None:
+    """Stop, with one line that says so, shows one raw answer and names what to try, when almost every
+    principle question of a first batch came back unreadable: the rest would go the same way, and
+    spend the whole budget first."""
+    read, total = readable_share(judgements)
+    unreadable = [o for j in judgements for e in j.principles for o in e["orders"].values() if o["status"] == "unparseable"]
+    if not total or not unreadable or (total - read) < UNREADABLE_STOP_SHARE * total:
+        return
+    raw = next((o["raw"] for o in unreadable if o.get("raw")), None)
+    shown = repr(raw[:120] + ("..." if len(raw) > 120 else "")) if raw else "(no text)"
+    other = "votes" if choice_method != "votes" else "logprobs"
+    raise CaiError(
+        f"prefs: the labeler {labeler_id} gave no readable choice for {total - read} of {total} principle "
+        f"questions of the first batch (asked by {asked or 'its backend'}; one raw answer: {shown}); try "
+        f"labeler.choice_method={other}, a larger labeler.model, or a comparison template "
+        f"(prompts/compare.jinja, templates=...) that makes the model answer with the label; "
+        f"`cai audit-labeler` measures a labeler in a minute"
+    )
+
+
 def _order_record(choice, reasoning, order: str, settings: JudgeSettings) -> dict:
     """What one order of one principle produced, with P(first answer better) when it was readable."""
     record: dict[str, Any] = {"p_option_a": None, "p_first": None}

@@ -6,8 +6,10 @@
   output), its scores normalised with the offsets saved beside it (mean 0, standard deviation 1 on the
   SFT model's own samples). It re-tokenizes the text with its own tokenizer, so the policy may use any.
 - `DirectLabelerReward` (d-RLAIF, Lee et al. 2023): no reward model; the labeler rates each answer
-  from 1 to 10 against the constitution (`prompts/score.jinja`), the reward is the probability-weighted
-  rating scaled to [-1, 1]. It goes through the labeler protocol, so the answer cache and request and
+  on ten levels, 0 to 9, against the constitution (`prompts/score.jinja`), the reward is the
+  probability-weighted rating scaled to [-1, 1]. The levels are single digits so that no label is the
+  start of another: on "1".."10" a server whose tokenizer splits digits writes "(10)" as "(", "1",
+  "0", ")", and the log-probabilities at the first digit would read a confident 10 as a 1. It goes through the labeler protocol, so the answer cache and request and
   cost budgets apply as for every labeler call.
 """
 
@@ -104,19 +106,19 @@ class RewardModelScorer:
         return [(r - self.mean) / self.std for r in self.raw(prompts, answers)]
 
 
-SCORE_OPTIONS = tuple(str(n) for n in range(1, 11))
+SCORE_OPTIONS = tuple(str(n) for n in range(10))  # "0".."9": prefix-free, one character each
 SCORE_PREFIX = "Rating: ("
 
 
 def expected_score(probs: list[float]) -> float:
-    """The probability-weighted rating over 1..10, scaled to [-1, 1] (1 -> -1, 10 -> 1)."""
+    """The probability-weighted rating over the ten levels 0..9, scaled to [-1, 1] (0 -> -1, 9 -> 1)."""
     total = sum(probs)
-    mean = sum((n + 1) * p for n, p in enumerate(probs)) / total
-    return (mean - 5.5) / 4.5
+    mean = sum(n * p for n, p in enumerate(probs)) / total
+    return (mean - 4.5) / 4.5
 
 
 class DirectLabelerReward:
-    """d-RLAIF: the labeler's probability-weighted 1-10 rating of each answer, scaled to [-1, 1].
+    """d-RLAIF: the labeler's probability-weighted 0-9 rating of each answer, scaled to [-1, 1].
 
     The rating prompt lists the constitution's comparison questions as the criteria. An answer the
     labeler could not rate (failed or unreadable) gets 0, the middle of the scale, and is counted in

@@ -15,6 +15,14 @@ What it answers is set by attributes, which a test may change at any time:
   (token -> log-probability). When set and the request asks for `logprobs`, the OpenAI route answers
   the most likely token at each position, with `top_logprobs`. None (the default) answers
   `"logprobs": null`, like a server that has none.
+- `model`: a `ScriptedModel` that writes its answer token by token, as a served model does: the
+  chat route renders the messages in ChatML and the model continues the prompt, with log-probabilities
+  at every position (when `chat_logprobs`). How the server treats a prefilled final assistant message
+  is set by `continue_final_message`: "honour" (vLLM: the answer continues it when the body says
+  `continue_final_message: true, add_generation_prompt: false`), "ignore" (llama-cpp-python: the
+  fields are dropped and a new answer starts), "reject" (a strict server: 400 for an unknown field).
+  `completions=True` adds the raw `/v1/completions` route (legacy `logprobs`: the top alternatives per
+  position as a dict) and `apply_template=True` llama.cpp's `POST /apply-template` (the ChatML prompt).
 - faults, consumed one per request: `server.plan("429", "500", ...)` queues them in order, and
   `fault_for(api, body) -> str | None` picks one for a given request. A fault is one of
   "429" (rate limited, with `Retry-After: <retry_after>`), "500", "503", "400", "401",
@@ -54,6 +62,50 @@ def default_reply(api: str, body: dict) -> str:
     return "Answer to: " + last_user_text(body)
 
 
+def chatml(messages: list[dict], add_generation_prompt: bool = True, continue_final: bool = False) -> str:
+    """The conversation as SmolLM2's (ChatML) template writes it; `continue_final` leaves the last
+    assistant message open, so that the answer continues it."""
+    text = ""
+    for i, message in enumerate(messages):
+        open_end = continue_final and i == len(messages) - 1 and message["role"] == "assistant"
+        text += f"<|im_start|>{message['role']}\n{message['content']}" + ("" if open_end else "<|im_end|>\n")
+    if add_generation_prompt and not continue_final:
+        text += "<|im_start|>assistant\n"
+    return text
+
+
+class ScriptedModel:
+    """A stand-in for a served model: it always writes the same answer, split into `tokens` as its
+    tokenizer would, continuing from wherever the prompt leaves off (a prompt that already ends with the
+    answer's first tokens, a prefill, gets the rest; any other prompt gets the whole answer).
+
+    `dists` gives the distribution at chosen positions of the answer (token -> log-probability); the
+    other positions write their token at -0.05, with a few unlikely alternatives, an option letter
+    among them, as real models show."""
+
+    def __init__(self, tokens: list[str], dists: dict[int, dict[str, float]] | None = None):
+        self.tokens = list(tokens)
+        self.dists = dists or {}
+
+    def _start(self, prompt: str) -> int:
+        for k in range(len(self.tokens), 0, -1):
+            if prompt.endswith("".join(self.tokens[:k])):
+                return k
+        return 0
+
+    def positions(self, prompt: str, max_tokens: int) -> list[dict[str, float]]:
+        """The distribution at each position the answer to `prompt` writes, at most `max_tokens`."""
+        start = self._start(prompt)
+        out = []
+        for i in range(start, min(len(self.tokens), start + max_tokens)):
+            dist = self.dists.get(i) or {self.tokens[i]: -0.05, " Both": -4.0, "You": -5.0, "A": -6.5}
+            out.append(dist)
+        return out
+
+    def written(self, positions: list[dict[str, float]]) -> list[str]:
+        return [max(dist, key=dist.get) for dist in positions]
+
+
 class FakeLLMServer:
     def __init__(
         self,
@@ -63,7 +115,17 @@ class FakeLLMServer:
         retry_after: str | None = "0",
         slow_seconds: float = 5.0,
         port: int = 0,
+        model: ScriptedModel | None = None,
+        continue_final_message: str = "ignore",
+        completions: bool = False,
+        apply_template: bool = False,
+        chat_logprobs: bool = True,
     ):
+        self.model = model
+        self.continue_final_message = continue_final_message
+        self.completions = completions
+        self.apply_template = apply_template
+        self.chat_logprobs = chat_logprobs
         self.latency = latency
         self.reply = reply
         self.logprobs = logprobs
@@ -193,6 +255,11 @@ class FakeLLMServer:
             api = "openai"
         elif path.endswith("/messages"):
             api = "anthropic"
+        elif path.endswith("/v1/completions") and self.completions:
+            api = "completions"
+        elif path == "/apply-template" and self.apply_template:
+            await self._send(writer, 200, {"prompt": chatml(body.get("messages", []))})
+            return True
         else:
             await self._send(writer, 404, {"error": {"message": f"no route {path}"}})
             return True
@@ -205,6 +272,11 @@ class FakeLLMServer:
         try:
             if self.latency:
                 await asyncio.sleep(self.latency)
+            if fault is None and api == "openai" and self.model is not None and "continue_final_message" in body \
+                    and self.continue_final_message == "reject":
+                await self._send(writer, 400, {"error": {"message": "Unrecognized request argument supplied: "
+                                                         "continue_final_message", "type": "invalid_request_error"}})
+                return True
             if fault is None:
                 await self._send(writer, 200, self._answer(api, body))
                 self.answered += 1
@@ -266,7 +338,45 @@ class FakeLLMServer:
 
     # -- answers -------------------------------------------------------------------------------
 
+    def _model_answer(self, api: str, body: dict) -> dict:
+        """The scripted model's answer on the chat or the completions route."""
+        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        if api == "completions":
+            prompt = body.get("prompt", "")
+        else:
+            honour = self.continue_final_message == "honour"
+            prompt = chatml(body.get("messages", []),
+                            add_generation_prompt=body.get("add_generation_prompt", True) if honour else True,
+                            continue_final=bool(body.get("continue_final_message")) if honour else False)
+        positions = self.model.positions(prompt, max_tokens)
+        tokens = self.model.written(positions)
+        text = "".join(tokens)
+        usage = {"prompt_tokens": max(1, len(prompt) // 4), "completion_tokens": len(tokens),
+                 "total_tokens": max(1, len(prompt) // 4) + len(tokens)}
+        top_n = int(body.get("top_logprobs") or 0)
+        ranked = [sorted(dist.items(), key=lambda kv: -kv[1]) for dist in positions]
+        if api == "completions":
+            n = int(body.get("logprobs") or 0)
+            logprobs = {"tokens": tokens, "token_logprobs": [d[t] for d, t in zip(positions, tokens)],
+                        "top_logprobs": [dict(r[:n]) for r in ranked],
+                        "text_offset": [len(prompt) + len("".join(tokens[:i])) for i in range(len(tokens))]} if n else None
+            return {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": body.get("model"),
+                    "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": "length"}],
+                    "usage": usage}
+        logprobs = None
+        if body.get("logprobs") and self.chat_logprobs:
+            logprobs = {"content": [
+                {"token": t, "logprob": d[t], "bytes": None,
+                 "top_logprobs": [{"token": a, "logprob": lp, "bytes": None} for a, lp in r[:top_n]]}
+                for t, d, r in zip(tokens, positions, ranked)], "refusal": None}
+        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": body.get("model"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": logprobs, "finish_reason": "length"}],
+                "usage": usage}
+
     def _answer(self, api: str, body: dict) -> dict:
+        if self.model is not None and api in ("openai", "completions"):
+            return self._model_answer(api, body)
         positions = self.logprobs(body) if self.logprobs is not None else None
         if api == "openai" and positions is not None and body.get("logprobs"):
             tokens = [max(dist, key=dist.get) for dist in positions]

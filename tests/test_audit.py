@@ -107,3 +107,27 @@ def test_command_on_the_tiny_local_model(tiny_config, tmp_path, monkeypatch, cap
     report = json.loads((tmp_path / "a" / "labeler_audit.json").read_text())
     assert report["labeler"].startswith("local:") and report["metrics"]["labeled"] == 4
     assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
+
+
+def test_audit_of_an_api_labeler_says_how_it_asked_and_what_it_read(tiny_config, tmp_path, monkeypatch, capsys):
+    # a llama.cpp-like server: the model writes "The answer is: (B)"; a prefilled answer is ignored
+    from tests.fake_servers import FakeLLMServer, ScriptedModel
+
+    answer = ScriptedModel(["The", " answer", " is", ":", " (", "B", ")"], {5: {"B": -0.2, "A": -1.8}})
+    mute = ScriptedModel(["I", " think", " both", " replies", " are", " fine", "."])
+    for name, model, share in (("reads", answer, "100.0%"), ("mute", mute, "0.0%")):
+        with FakeLLMServer(model=model) as server:
+            cfg = tiny_config("labeler.backend=openai", f"labeler.base_url={server.openai_url}", "labeler.model=smollm2",
+                              "labeler.cache=false", "labeler.vote_samples=2", "labeler.max_parse_retries=0")
+            monkeypatch.setattr("cai.config.load_config", lambda path, overrides=(), cfg=cfg: cfg)
+            assert main(["audit-labeler", "x.yaml", "--limit", "3", "--out", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        report = json.loads((tmp_path / name / "labeler_audit.json").read_text())
+        m = report["metrics"]
+        assert m["questions_asked"] == 3 * 2  # tiny.yaml: 2 principles per pair
+        assert f"({share})" in out and "principle questions read" in out
+        assert "found in the model's own answer (no prefill)" in report["asked"] and report["asked"] in out
+        if name == "reads":
+            assert m["questions_read"] == 6 and m["labeled"] == 3 and m["choices_by_method"] == {"logprobs": 12}
+        else:
+            assert m["questions_read"] == 0 and m["labeled"] == 0 and report["usage"]["vote_fallbacks"] == 12

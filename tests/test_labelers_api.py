@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sqlite3
@@ -26,7 +27,7 @@ from cai.labelers.anthropic_api import AnthropicLabeler
 from cai.labelers.api_common import RateLimiter, STRICT_TEXT_INSTRUCTION
 from cai.labelers.cache import CachedLabeler, cache_stats
 from cai.labelers.openai_api import OpenAILabeler
-from tests.fake_servers import FakeLLMServer, last_user_text
+from tests.fake_servers import FakeLLMServer, ScriptedModel, last_user_text
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(backoff_base=0.01, backoff_max=0.05, start_interval=0.0, price=(0.0, 0.0))
@@ -122,10 +123,11 @@ def test_openai_choice_from_logprobs(server):
     import math
     a, b = math.exp(-1.8), math.exp(-0.2) + math.exp(-4.0)
     assert choice.probs == pytest.approx([a / (a + b), b / (a + b)])
-    body = server.requests[0]["body"]
+    # first a probe: does the server continue a prefilled answer? (It does not: the answer starts "(")
+    probe, body = server.bodies("/chat/completions")
+    assert probe["continue_final_message"] is True and probe["messages"][-1]["role"] == "assistant"
     assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["temperature"] == 0.0
     assert "Answer with only the label of your choice, one of (A), (B)." in last_user_text(body)
-    assert len(server.requests) == 1
 
 
 def test_openai_falls_back_to_votes_without_logprobs(server, caplog):
@@ -151,7 +153,8 @@ def test_server_rejecting_logprobs_gets_votes(server, caplog):
         choices = labeler.choose([pick("one"), pick("two")])
     assert [(c.method, c.probs) for c in choices] == [("votes", [1.0, 0.0])] * 2
     assert "rejects log-probability requests" in caplog.text
-    assert sum(bool(b.get("logprobs")) for b in server.bodies()) == 1
+    # the probe of a prefilled answer and one plain request are refused; none is sent after
+    assert sum(bool(b.get("logprobs")) for b in server.bodies()) == 2
 
 
 def test_forced_logprobs_without_them_is_a_failed_choice(server):
@@ -514,3 +517,163 @@ def test_retry_after_header_forms():
     later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
     assert 25 < read(Fault({"retry-after": later})) <= 30
     assert read(Fault({})) is None and read(ValueError()) is None
+
+
+# -- servers as they really behave ------------------------------------------------------------------
+# Open models behind vLLM or llama.cpp begin their answer with the words the comparison template taught
+# them ("The answer is: (B)"), and servers differ in whether, and how, the answer can be prefilled.
+
+LABEL_B = {"B": -0.2, "A": -1.8, "C": -4.0}
+
+
+def answer_is_b() -> ScriptedModel:
+    """A model that writes "The answer is: (B)" as SmolLM2's tokenizer splits it; the label is the
+    sixth token, and "A" is among the unlikely alternatives of every earlier one (as on llama.cpp)."""
+    return ScriptedModel(["The", " answer", " is", ":", " (", "B", ")"], {5: LABEL_B})
+
+
+def p_label_b() -> list[float]:
+    a, b = math.exp(LABEL_B["A"]), math.exp(LABEL_B["B"])
+    return [a / (a + b), b / (a + b)]
+
+
+def served_labeler(server, model: str = "smollm2", **kwargs) -> OpenAILabeler:
+    _made.append(OpenAILabeler(model, base_url=server.openai_url, **{**FAST, **kwargs}))
+    return _made[-1]
+
+
+def test_label_read_after_the_models_preamble():
+    # llama-cpp-python's server: chat ignores continue_final_message; /completions exists, but cai has
+    # no template for a model it knows only as "smollm2"
+    with FakeLLMServer(model=answer_is_b(), continue_final_message="ignore", completions=True) as server:
+        labeler = served_labeler(server, concurrency=2)
+        choices = labeler.choose([pick(f"Which is better? {i}") for i in range(4)])
+        bodies = server.bodies("/chat/completions")
+    assert [(c.method, c.status) for c in choices] == [("logprobs", "ok")] * 4
+    assert all(c.probs == pytest.approx(p_label_b()) and c.raw == "The answer is: (B)" for c in choices)
+    usage = labeler.usage.as_dict()
+    assert usage["choices_by"] == {"logprobs": 4} and "no prefill" in usage["choice_asked"]
+    # one probe of the prefill (ignored: the answer began "The"), then one request per question
+    assert [bool(b.get("continue_final_message")) for b in bodies] == [True] + [False] * 4
+    assert all(b["max_tokens"] >= 7 for b in bodies[1:])
+
+
+def test_prefill_by_continue_final_message():
+    # vLLM: the chat API continues a final assistant message
+    with FakeLLMServer(model=answer_is_b(), continue_final_message="honour") as server:
+        labeler = served_labeler(server, concurrency=2)
+        choices = labeler.choose([pick(f"Which is better? {i}") for i in range(3)])
+        bodies = server.bodies("/chat/completions")
+    assert [(c.method, c.status) for c in choices] == [("logprobs+prefill", "ok")] * 3
+    assert all(c.probs == pytest.approx(p_label_b()) and c.raw == "The answer is: (B)" for c in choices)
+    assert len(bodies) == 3  # the probe's answer was used
+    for body in bodies:
+        assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+        assert body["messages"][-1] == {"role": "assistant", "content": "The answer is: ("}
+        assert "Answer with only the label" not in last_user_text(body)  # the local backend's question
+    assert "prefilled answer prefix (chat-continue)" in labeler.usage.as_dict()["choice_asked"]
+
+
+def test_prefill_through_completions_with_the_servers_template():
+    # llama.cpp's own server: chat refuses the unknown field; /completions and /apply-template exist
+    with FakeLLMServer(model=answer_is_b(), continue_final_message="reject", completions=True,
+                       apply_template=True) as server:
+        labeler = served_labeler(server)
+        choices = labeler.choose([pick(f"Which is better? {i}") for i in range(3)])
+        prompts = [b["prompt"] for b in server.bodies("/v1/completions")]
+    assert [(c.method, c.status) for c in choices] == [("logprobs+prefill", "ok")] * 3
+    assert all(c.probs == pytest.approx(p_label_b()) for c in choices)
+    assert len(prompts) == 3
+    assert prompts[0] == "<|im_start|>user\nWhich is better? 0<|im_end|>\n<|im_start|>assistant\nThe answer is: ("
+    assert "prefilled answer prefix (completions)" in labeler.usage.as_dict()["choice_asked"]
+
+
+def test_prefill_through_completions_with_a_local_tokenizer(tmp_path):
+    # a server with /completions but no template route: the chat template of the model's own tokenizer
+    from tests.tiny import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tok")
+    with FakeLLMServer(model=answer_is_b(), continue_final_message="ignore", completions=True) as server:
+        labeler = served_labeler(server, model=str(tmp_path / "tok"))
+        [choice] = labeler.choose([pick("Which is better?")])
+        [body] = server.bodies("/v1/completions")
+    assert choice.method == "logprobs+prefill" and choice.probs == pytest.approx(p_label_b())
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": "Which is better?"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert body["prompt"] == expected + "The answer is: (" and body["logprobs"] == 20
+
+
+def test_votes_from_a_server_without_logprobs():
+    with FakeLLMServer(model=answer_is_b(), chat_logprobs=False) as server:
+        labeler = served_labeler(server, vote_samples=3)
+        choices = labeler.choose([pick("one"), pick("two")])
+    assert [(c.method, c.probs) for c in choices] == [("votes", [0.0, 1.0])] * 2
+    assert labeler.usage.as_dict()["choice_asked"].startswith("votes")
+    assert sum(bool(b.get("logprobs")) for b in server.bodies()) == 1  # one probe only
+
+
+def test_no_label_in_the_logprobs_falls_back_to_votes(server):
+    server.logprobs = lambda body: [{"I": -0.1, "A": -4.0}, {" think": -0.1}, {" both": -0.2}, {" are": -0.1}]
+    server.reply = lambda api, body: "(A)"
+    labeler = openai_labeler(server, vote_samples=2, max_parse_retries=1)
+    [choice] = labeler.choose([pick("Which?")])
+    assert choice.status == "ok" and choice.method == "votes" and choice.probs == [1.0, 0.0]
+    usage = labeler.usage.as_dict()
+    assert usage["vote_fallbacks"] == 1 and usage["parse_retries"] == 1 and usage["unparseable"] == 0
+
+
+def test_label_must_stand_alone_in_the_logprobs():
+    from cai.labelers.parsing import probs_from_logprobs
+
+    def positions(*tokens, dist=None):
+        return [(t, list((dist or {t: -0.1}).items())) for t in tokens]
+
+    digits = tuple(str(n) for n in range(10))
+    # "(10)" on a 0..9 scale is not a 1; "(9)" is a 9
+    assert probs_from_logprobs(positions("(", "1", "0", ")"), digits) is None
+    nine = probs_from_logprobs(positions("(", "9", ")"), digits)
+    assert nine.index(max(nine)) == 9
+    # "A good answer is (B)": the article is not option A; the label after "(" is read
+    read = probs_from_logprobs(positions("A", " good", " answer", " is", " (", "B", ")"), ("A", "B"))
+    assert read == [0.0, 1.0]
+    # after a prefilled "(", the alternatives at the first position are the options' probabilities
+    read = probs_from_logprobs([("Response", [("Response", -0.1), ("A", -2.0), ("B", -3.0)])], ("A", "B"),
+                               context="The answer is: (")
+    assert read == pytest.approx([math.exp(-2.0) / (math.exp(-2.0) + math.exp(-3.0)),
+                                  math.exp(-3.0) / (math.exp(-2.0) + math.exp(-3.0))])
+
+
+class TopRater(ScriptedModel):
+    """A labeler model that gives every answer the top rating of the scale the prompt states ("from 0
+    (very poor) to 9 (excellent)"), written digit by digit as Llama, Mistral, Qwen or SmolLM2 tokenizers
+    split numbers: "(10)" is "(", "1", "0", ")"."""
+
+    def __init__(self):
+        super().__init__([])
+
+    def positions(self, prompt: str, max_tokens: int):
+        import re
+
+        top = re.findall(r"to (\d+) \(excellent\)", prompt)[-1]
+        digits = list(top)
+        self.tokens = ["Rating", ":", " (", *digits, ")"]
+        # at the first digit, the top rating's first digit is sure; every other digit is unlikely
+        first = {d: -8.0 for d in "0123456789"}
+        first[digits[0]] = -0.01
+        self.dists = {3: first}
+        return super().positions(prompt, max_tokens)
+
+
+def test_direct_reward_reads_a_top_rating_through_a_digit_splitting_server():
+    # d-RLAIF through an API (issue 11.3): a confident top rating must be the top reward, not a 1
+    from cai.constitution import load_constitution
+    from cai.rewards import DirectLabelerReward
+    from cai.templates import Templates
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [])
+    with FakeLLMServer(model=TopRater(), continue_final_message="ignore") as server:
+        labeler = served_labeler(server)
+        reward = DirectLabelerReward(labeler, load_constitution(cfg.constitution), Templates(cfg.templates), cfg)
+        rewards = reward(["How do I bake bread?", "Tell me a joke."], ["Knead, rise, bake.", "Why did..."])
+    assert rewards == pytest.approx([1.0, 1.0], abs=0.01) and reward.rated == 2

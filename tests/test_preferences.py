@@ -3,6 +3,8 @@ local labeler's soft-label path on a tiny model (shared prefixes, both orders ba
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from cai.preferences import (
     ANSWER_PREFIX,
     JudgeSettings,
     PairItem,
+    PairJudgement,
     average_orders,
     clamp,
     draw_comparisons,
@@ -24,6 +27,7 @@ from cai.preferences import (
 from cai.templates import Templates
 from tests.conftest import ROOT
 from tests.fakes import ScriptedLabeler
+from tests.test_prefs_rm_stages import sft_run  # noqa: F401 - the sl/sft run fixture
 
 TINY = load_constitution(ROOT / "constitutions/tiny.yaml")
 HARMLESS = load_constitution(ROOT / "constitutions/harmless.yaml")
@@ -296,3 +300,73 @@ def test_failed_prefix_sharing_falls_back_to_full_passes_with_the_same_result(mo
         shared = judge_pairs(Local(generator), items, TINY, Templates(), settings=settings())
     assert [s.label for s in shared] == pytest.approx([e.label for e in expected], abs=1e-5)
     assert generator.share_prefix is False
+
+
+# -- a labeler that cannot answer choices ---------------------------------------------------------------
+
+
+def test_a_first_batch_almost_all_unreadable_stops_with_what_to_try():
+    from cai.errors import CaiError
+    from cai.labelers.openai_api import OpenAILabeler
+    from cai.preferences import check_labeler_reads
+    from tests.fake_servers import FakeLLMServer, ScriptedModel
+
+    templates = Templates(ROOT / "prompts")
+    items = [PairItem(f"p{i}", [{"role": "user", "content": "Help me?"}], "GOOD answer", "bad answer") for i in range(3)]
+    mute = ScriptedModel(["I", " think", " both", " replies", " are", " fine", "."])
+    answers = ScriptedModel(["The", " answer", " is", ":", " (", "B", ")"], {5: {"B": -0.2, "A": -1.8}})
+    for model in (mute, answers):
+        with FakeLLMServer(model=model) as server:
+            labeler = OpenAILabeler("smollm2", base_url=server.openai_url, vote_samples=2, max_parse_retries=0,
+                                    price=(0.0, 0.0), backoff_base=0.01, start_interval=0.0)
+            verdicts = judge_pairs(labeler, items, TINY, templates, settings=settings())
+            asked = labeler.usage.extra["choice_asked"]
+            labeler.close()
+        if model is answers:  # readable: no stop
+            check_labeler_reads(verdicts, labeler.id, asked, "auto")
+            continue
+        assert all(v.status == "unparseable" for v in verdicts)
+        with pytest.raises(CaiError) as err:
+            check_labeler_reads(verdicts, labeler.id, asked, "auto")
+        message = str(err.value)
+        assert "\n" not in message and "6 of 6 principle questions of the first batch" in message
+        assert "I think both replies are fine." in message and "no prefill" in message
+        assert "labeler.choice_method=votes" in message and "larger labeler.model" in message
+
+
+def test_a_few_unreadable_questions_do_not_stop():
+    from cai.preferences import check_labeler_reads
+
+    def verdict(statuses):
+        orders = {o: {"status": s, "raw": "?"} for o, s in zip(("ab", "ba"), statuses)}
+        return PairJudgement("x", None, "ok", [{"status": "ok" if set(statuses) == {"ok"} else "unparseable", "orders": orders}])
+
+    some = [verdict(("ok", "ok"))] * 2 + [verdict(("unparseable", "ok"))] * 8  # 80% unreadable: go on
+    check_labeler_reads(some, "x", None, "auto")
+    with pytest.raises(Exception, match="9 of 10"):
+        check_labeler_reads([verdict(("ok", "ok"))] + [verdict(("unparseable", "ok"))] * 9, "x", None, "votes")
+
+
+def test_prefs_stage_stops_after_a_first_batch_it_cannot_read(sft_run, tmp_path):
+    # the whole stage against a server whose model never writes a label: one clear line, early
+    from cai.errors import CaiError
+    from cai.records import read_jsonl
+    from cai.stages import prefs
+    from tests.fake_servers import FakeLLMServer, ScriptedModel
+    from tests.test_prefs_rm_stages import copy_run
+
+    make = copy_run(sft_run, tmp_path / "run", ("sl", "sft"))
+    mute = ScriptedModel(["I", " think", " both", " replies", " are", " fine", "."])
+    with FakeLLMServer(model=mute) as server:
+        cfg = make("labeler.backend=openai", f"labeler.base_url={server.openai_url}", "labeler.model=smollm2",
+                   "labeler.vote_samples=2", "labeler.max_parse_retries=0", "labeler.batch_size=2",
+                   "prefs.samples_per_prompt=3")
+        with pytest.raises(CaiError, match="gave no readable choice for .* of the first batch") as err:
+            prefs.run(cfg)
+        asked = len(server.requests)
+    assert "I think both replies are fine." in str(err.value)
+    out = tmp_path / "run" / "prefs"
+    assert not read_jsonl(out / "records.jsonl")  # the unreadable batch is not recorded: a rerun asks again
+    usage = json.loads((out / "labeler_usage.json").read_text())
+    assert "no prefill" in usage["choice_asked"] and usage["vote_fallbacks"] == 2 * 2 * 2
+    assert asked < 2 * 2 * 2 * (1 + 2) + 5  # the first batch only: 2 pairs, 2 principles, 2 orders

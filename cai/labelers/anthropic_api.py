@@ -27,7 +27,8 @@ class AnthropicLabeler(ApiLabeler):
         return anthropic.AsyncAnthropic(api_key=self._api_key, base_url=self.base_url, max_retries=0,
                                         timeout=self.timeout, http_client=aiohttp_transport(anthropic))
 
-    async def _send(self, client, messages, *, max_tokens, temperature, top_p, top_logprobs=None, prefill=None) -> Reply:
+    async def _send(self, client, messages, *, max_tokens, temperature, top_p, top_logprobs=None, prefill=None,
+                    prefill_way=None) -> Reply:
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
         if prefill:

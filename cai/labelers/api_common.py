@@ -13,7 +13,12 @@ everything else is here:
 - parsing: an empty answer, an unreadable choice, or (when asked) a refusal is asked again with a
   stricter instruction up to `max_parse_retries` times, then recorded as unparseable with its raw text;
 - choices: from the server's log-probabilities where it returns them, else from `vote_samples`
-  sampled answers; each Choice records which method produced it;
+  sampled answers; each Choice records which method produced it. Models write a preamble before the
+  label ("The answer is: (B)"), so the log-probabilities of up to `LOGPROB_MAX_TOKENS` tokens are read
+  and the label is taken where it first stands. Where the server lets the answer be prefilled (a
+  backend's `prefill_ways`, tried once per labeler), the answer prefix is put in place and the next
+  token is the label, as the local backend asks. A question whose log-probabilities show no label
+  after the parse retries is asked by votes (`vote_fallbacks` in the usage);
 - budgets: before each request, `max_requests` and `max_cost` (with the worst case of the requests in
   flight) are checked; when one would be exceeded nothing more is sent, the requests in flight finish
   (and reach `on_result`, so the cache keeps them) and BudgetExceeded is raised.
@@ -38,8 +43,8 @@ from urllib.parse import urlsplit
 from tqdm.auto import tqdm
 
 from cai.errors import CaiError
-from cai.labelers.base import BudgetExceeded, Choice, ChoiceRequest, GenerateRequest, Generation, Usage
-from cai.labelers.parsing import is_refusal, parse_choice, probs_from_logprobs
+from cai.labelers.base import CHOICE_METHODS, BudgetExceeded, Choice, ChoiceRequest, GenerateRequest, Generation, Usage
+from cai.labelers.parsing import is_refusal, option_of_token, parse_choice, probs_from_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +65,12 @@ def aiohttp_transport(sdk):
 NO_KEY = "no-key"  # sent to servers that need none (the SDKs insist on some key)
 
 TOP_LOGPROBS = 20  # alternatives per position asked for (OpenAI's maximum)
-LOGPROB_MAX_TOKENS = 4  # room for "(A" or " (A)" before the label
+LOGPROB_MAX_TOKENS = 16  # room for a preamble such as "The answer is: (" before the label
+PREFILL_LOGPROB_MAX_TOKENS = 2  # after a prefilled prefix: the label, and what follows it ("1" then "0" is 10)
 VOTE_MAX_TOKENS = 16  # a vote without prefill may say "The answer is (A)"
 PREFILL_VOTE_MAX_TOKENS = 4  # after "The answer is: (" the label comes next
+
+CHOICE_READER = 2  # 2: the label found past a preamble, prefill ways, votes when no label shows
 
 RETRYABLE_STATUS = {408, 409, 425, 429}
 MAX_RETRY_AFTER = 300.0  # seconds: a server asking for longer (a spent daily quota) gets the item failed sooner
@@ -177,6 +185,7 @@ class _Stop(Exception):
 
 
 _REJECTED = object()  # a log-probability request answered with a 400
+_UNKNOWN = "unknown"  # the prefill way before the first choice has tried them
 
 
 class _ItemFailed(Exception):
@@ -187,13 +196,15 @@ class _ItemFailed(Exception):
 
 class ApiLabeler:
     """The shared engine; subclasses set `backend`, `default_key_env`, `hosted_hosts`,
-    `supports_logprobs`, `supports_prefill`, and implement `_client()` and `_send()`."""
+    `supports_logprobs`, `supports_prefill` (votes are prefilled), `prefill_ways` (how a log-probability
+    request can be prefilled, tried in order), and implement `_client()` and `_send()`."""
 
     backend = "api"
     default_key_env = ""
     hosted_hosts: set[str] = set()
     supports_logprobs = False
     supports_prefill = False
+    prefill_ways: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -216,6 +227,7 @@ class ApiLabeler:
         backoff_base: float = 0.5,
         backoff_max: float = 60.0,
         start_interval: float = 0.002,
+        cache_dir: str | None = None,
     ):
         self.model = model
         self.base_url = base_url.rstrip("/") if base_url else None
@@ -236,6 +248,7 @@ class ApiLabeler:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.start_interval = start_interval
+        self.cache_dir = cache_dir  # where a backend may find a local copy of the model's tokenizer
         if choice_method == "logprobs" and not self.supports_logprobs:
             raise CaiError(f"labeler.backend={self.backend} returns no log-probabilities; "
                            "set labeler.choice_method=votes (or auto)")
@@ -249,6 +262,7 @@ class ApiLabeler:
         self._logprobs_ok = self.supports_logprobs and choice_method != "votes"
         self._prefill_ok = self.supports_prefill
         self._logprobs_known = False  # whether an answer has shown if the server returns log-probabilities
+        self._prefill_way = _UNKNOWN if self.prefill_ways else None  # a way from prefill_ways that works, or None
         self._probing: asyncio.Event | None = None
         self._rpm = RateLimiter(requests_per_minute) if requests_per_minute else None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -266,6 +280,7 @@ class ApiLabeler:
             max_parse_retries=lab.max_parse_retries, vote_samples=lab.vote_samples,
             choice_method=lab.choice_method, max_requests=lab.max_requests, max_cost=lab.max_cost,
             price=tuple(lab.prices[lab.model]) if lab.model in lab.prices else None,
+            cache_dir=str(cfg.cache_dir),
         )
         kwargs.update(engine_overrides)
         return cls(lab.model, **kwargs)
@@ -277,7 +292,9 @@ class ApiLabeler:
         raise NotImplementedError
 
     async def _send(self, client, messages: list[dict], *, max_tokens: int, temperature: float, top_p: float,
-                    top_logprobs: int | None = None, prefill: str | None = None) -> Reply:
+                    top_logprobs: int | None = None, prefill: str | None = None, prefill_way: str | None = None) -> Reply:
+        """One request. `prefill` starts the assistant's answer; `prefill_way` (one of `prefill_ways`)
+        says how, for a log-probability request."""
         raise NotImplementedError
 
     # -- the protocol --------------------------------------------------------------------------
@@ -287,7 +304,9 @@ class ApiLabeler:
         params = {"backend": self.backend, "model": self.model, "base_url": self.base_url,
                   "system_prompt": self.system_prompt}
         if kind == "choose":
-            params.update(choice_method=self.choice_method, vote_samples=self.vote_samples)
+            # `reader`: how choices are read (prefill, where the label is found); a change makes the
+            # choices of earlier versions, unreadable ones among them, misses instead of answers
+            params.update(choice_method=self.choice_method, vote_samples=self.vote_samples, reader=CHOICE_READER)
         return params
 
     def generate(
@@ -464,8 +483,10 @@ class ApiLabeler:
                 return None
 
     async def _call(self, client, messages: list[dict], *, max_tokens: int, temperature: float, top_p: float,
-                    top_logprobs: int | None = None, prefill: str | None = None) -> Reply:
-        """One logical request: retried on transient faults; raises _ItemFailed when it gives up."""
+                    top_logprobs: int | None = None, prefill: str | None = None, prefill_way: str | None = None,
+                    probe: bool = False) -> Reply:
+        """One logical request: retried on transient faults; raises _ItemFailed when it gives up.
+        A `probe` (trying whether the server supports something) fails on 404 instead of stopping."""
         input_est, output_est = self._estimate_tokens(messages, max_tokens)
         cost_est = self._cost(input_est, output_est)
         last_error = ""
@@ -479,7 +500,7 @@ class ApiLabeler:
                 try:
                     reply = await _within(self.timeout, self._send(
                         client, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                        top_logprobs=top_logprobs, prefill=prefill))
+                        top_logprobs=top_logprobs, prefill=prefill, prefill_way=prefill_way))
                     error = None
                 except asyncio.TimeoutError:
                     error, status, retry_after = f"timed out after {self.timeout:g} s", None, None
@@ -497,7 +518,7 @@ class ApiLabeler:
                     self._tpm.refund(input_est + output_est - reply.input_tokens - reply.output_tokens)
                 return reply
             last_error = error
-            if status in FATAL_STATUS:
+            if status in FATAL_STATUS and not (probe and status == 404):
                 where = public_url(self.base_url) or f"the {self.backend} API"
                 hint = f" (key from ${self.api_key_env})" if status in (401, 403) else f" (labeler.model={self.model})"
                 self._fatal = CaiError(f"labeler: {where} {FATAL_STATUS[status]}: HTTP {status}{hint}")
@@ -545,13 +566,18 @@ class ApiLabeler:
 
     # -- choose --------------------------------------------------------------------------------
 
+    def _must_probe(self) -> bool:
+        return self._logprobs_ok and (not self._logprobs_known or self._prefill_way == _UNKNOWN)
+
     async def _choose_one(self, client, request: ChoiceRequest) -> Choice:
-        # Until one answer shows whether the server has log-probabilities, one request asks and the
-        # others wait, so that a server without them is not sent a useless request per item.
-        while self._logprobs_ok and not self._logprobs_known and self._probing is not None:
+        # Until one answer shows whether the server has log-probabilities (and which way, if any, it
+        # lets the answer be prefilled), one request asks and the others wait, so that a server without
+        # them is not sent a useless request per item.
+        while self._must_probe() and self._probing is not None:
             await self._probing.wait()
+        choice = None
         if self._logprobs_ok:
-            probe = not self._logprobs_known
+            probe = self._must_probe()
             if probe:
                 self._probing = asyncio.Event()
             try:
@@ -560,43 +586,115 @@ class ApiLabeler:
                     choice = await self._choose_by_votes(client, request)
                     if choice.status != "failed":
                         self._no_logprobs("the server rejects log-probability requests")
+                    return self._counted(choice)
             finally:
                 if probe:
                     self._probing.set()
                     self._probing = None
-            if choice is not None:
-                return choice
-        return await self._choose_by_votes(client, request)
+            if choice is not None and (choice.status != "unparseable" or self.choice_method == "logprobs"):
+                return self._counted(choice)
+        votes = await self._choose_by_votes(client, request)
+        if choice is not None:  # the log-probabilities showed no label: votes instead, counted
+            self.usage.extra["vote_fallbacks"] = self.usage.extra.get("vote_fallbacks", 0) + 1
+            if votes.status != "ok":
+                votes.raw = "\n---\n".join(r for r in (choice.raw, votes.raw) if r) or None
+                votes.error = f"{choice.error}; then {votes.error}"
+        return self._counted(votes)
+
+    def _counted(self, choice: Choice) -> Choice:
+        """Count how the choice was read (`choices_by` in the usage) and say how the labeler asks."""
+        if choice.status == "ok":
+            by = self.usage.extra.setdefault("choices_by", {})
+            by[choice.method] = by.get(choice.method, 0) + 1
+        self.usage.extra["choice_asked"] = self.asked()
+        return choice
+
+    def asked(self) -> str:
+        """How this labeler asks its choices, in words (for labeler_usage.json and the audit)."""
+        if not self._logprobs_ok:
+            return CHOICE_METHODS["votes"] + (" after the prefilled answer prefix" if self._prefill_ok else "")
+        if self._prefill_way in (None, _UNKNOWN):
+            return CHOICE_METHODS["logprobs"]
+        return f"{CHOICE_METHODS['logprobs+prefill']} ({self._prefill_way})"
+
+    async def _can_prefill(self, client, way: str) -> bool:
+        """Whether `way` can be tried at all (a backend may need something first, such as a template)."""
+        return True
+
+    async def _find_prefill_way(self, client, base: list[dict], request: ChoiceRequest):
+        """Once per labeler: try each of `prefill_ways` on this request, keep the first the server honours,
+        and return its Choice. A way is honoured when the first token of the answer is an option label:
+        a server that ignores the prefill starts a new answer ("The answer is...") instead. A refusal
+        (4xx) or a dishonoured prefill moves on to the next way; None when none works."""
+        for way in self.prefill_ways:
+            if not await self._can_prefill(client, way):
+                continue
+            try:
+                reply = await self._call(client, base, max_tokens=PREFILL_LOGPROB_MAX_TOKENS, temperature=0.0,
+                                         top_p=1.0, top_logprobs=TOP_LOGPROBS, prefill=request.answer_prefix,
+                                         prefill_way=way, probe=True)
+            except _ItemFailed as err:
+                log.info("labeler %s: prefilling by %s refused (%s)", self.id, way, err)
+                continue
+            if reply.logprobs is None and self.choice_method == "auto":  # none at all: votes, no more probes
+                self._prefill_way, self._logprobs_known = None, True
+                self._no_logprobs("the server returns no log-probabilities")
+                return None
+            if not reply.logprobs or option_of_token(reply.logprobs[0][0], request.options) is None:
+                log.info("labeler %s: the server ignores a prefill by %s (answer %r)", self.id, way, reply.text[:40])
+                continue
+            probs = probs_from_logprobs(reply.logprobs, request.options, context=request.answer_prefix)
+            if probs is None:
+                continue
+            self._prefill_way = way
+            self._logprobs_known = True
+            log.warning("labeler %s: choices from log-probabilities after the prefilled answer (%s)", self.id, way)
+            return Choice(probs, method="logprobs+prefill", raw=request.answer_prefix + reply.text)
+        self._prefill_way = None
+        log.warning("labeler %s: the server lets no answer be prefilled; the label is read from the model's "
+                    "own answer (up to %d tokens)", self.id, LOGPROB_MAX_TOKENS)
+        return None
 
     async def _choose_by_logprobs(self, client, request: ChoiceRequest):
         """A Choice; None when the server turns out to return no log-probabilities (votes are used
         from then on); _REJECTED when it answered the request with a 400."""
         base = self._render(request.messages)
+        if self._prefill_way == _UNKNOWN and request.answer_prefix:
+            found = await self._find_prefill_way(client, base, request)
+            if found is not None or not self._logprobs_ok:
+                return found
+        prefix = request.answer_prefix if self._prefill_way not in (None, _UNKNOWN) else ""
+        way = self._prefill_way if prefix else None
+        method = "logprobs+prefill" if prefix else "logprobs"
         raw = ""
         for parse_try in range(self.max_parse_retries + 1):
             if parse_try:
                 self._count_parse_retry()
-            instruction = (strict_choice_instruction if parse_try else choice_instruction)(request.options)
+                messages = with_instruction(base, strict_choice_instruction(request.options))
+            else:  # prefilled, the question is the local backend's; otherwise the label is asked for
+                messages = base if prefix else with_instruction(base, choice_instruction(request.options))
             try:
-                reply = await self._call(client, with_instruction(base, instruction), max_tokens=LOGPROB_MAX_TOKENS,
-                                         temperature=0.0, top_p=1.0, top_logprobs=TOP_LOGPROBS)
+                reply = await self._call(client, messages,
+                                         max_tokens=PREFILL_LOGPROB_MAX_TOKENS if prefix else LOGPROB_MAX_TOKENS,
+                                         temperature=0.0, top_p=1.0, top_logprobs=TOP_LOGPROBS,
+                                         prefill=prefix or None, prefill_way=way)
             except _ItemFailed as err:
-                if err.status == 400 and self.choice_method == "auto":
+                if err.status == 400 and self.choice_method == "auto" and not prefix:
                     return _REJECTED
-                return Choice(None, method="logprobs", status="failed", error=str(err))
+                return Choice(None, method=method, status="failed", error=str(err))
             self._logprobs_known = True
             if reply.logprobs is None:
                 if self.choice_method == "logprobs":
-                    return Choice(None, method="logprobs", status="failed",
+                    return Choice(None, method=method, status="failed",
                                   error="the server returned no log-probabilities; set labeler.choice_method=votes")
                 self._no_logprobs("the server returns no log-probabilities")
                 return None
-            raw = reply.text
-            probs = probs_from_logprobs(reply.logprobs, request.options)
+            raw = prefix + reply.text
+            probs = probs_from_logprobs(reply.logprobs, request.options, context=prefix)
             if probs is not None:
-                return Choice(probs, method="logprobs", raw=raw)
-        return Choice(None, method="logprobs", status="unparseable", raw=raw,
-                      error="no option label among the answer's first tokens")
+                return Choice(probs, method=method, raw=raw)
+        where = "after the prefilled prefix" if prefix else f"in the answer's first {LOGPROB_MAX_TOKENS} tokens"
+        return Choice(None, method=method, status="unparseable", raw=raw, error=f"no option label {where}")
 
     def _no_logprobs(self, why: str) -> None:
         if self._logprobs_ok:

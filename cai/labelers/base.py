@@ -54,10 +54,21 @@ class ChoiceRequest:
     sample_index: int = 0
 
 
+# Each way a choice is read, in words (labeler_usage.json, `cai audit-labeler`).
+CHOICE_METHODS = {
+    "logits": "next-token probabilities after the prefilled answer prefix (local model)",
+    "logprobs+prefill": "log-probabilities of the label after the prefilled answer prefix",
+    "logprobs": "log-probabilities of the label, found in the model's own answer (no prefill)",
+    "votes": "votes: sampled answers, parsed",
+}
+
+
 @dataclass
 class Choice:
     probs: list[float] | None  # one per option, summing to 1; None when failed/unparseable
-    method: Literal["logits", "logprobs", "votes", "none"] = "none"
+    # logits: a local model's next-token probabilities after the prefilled prefix; logprobs+prefill: an
+    # API's log-probabilities there; logprobs: the label found in the model's own answer; votes: sampled
+    method: Literal["logits", "logprobs+prefill", "logprobs", "votes", "none"] = "none"
     status: Status = "ok"
     raw: str | None = None  # raw answer text(s) when parsed from generations
     error: str | None = None

@@ -71,19 +71,47 @@ def option_of_token(token: str, options: tuple[str, ...] | list[str]) -> int | N
     return options.index(core) if core in options else None
 
 
+def _label_stands_alone(before: str, token: str, after: str, options: list[str]) -> bool:
+    """True when `token` names an option as a word of its own: no letter or digit glued to it on either
+    side (so "1" followed by "0" is not the option "1"), and not the article of an answer that opens
+    "A good answer..."."""
+    core = token.strip().strip("()[]*.:,'\"").strip()
+    at = token.find(core)
+    left = before + token[:at]
+    right = token[at + len(core):] + after
+    if (left and left[-1].isalnum()) or (right and right[0].isalnum()):
+        return False
+    opens_answer = not left.strip()
+    return not (opens_answer and re.match(r"\s+[A-Za-z]", right))
+
+
 def probs_from_logprobs(
-    positions: list[tuple[str, list[tuple[str, float]]]], options: tuple[str, ...] | list[str]
+    positions: list[tuple[str, list[tuple[str, float]]]],
+    options: tuple[str, ...] | list[str],
+    context: str = "",
 ) -> list[float] | None:
     """Option probabilities from an answer's per-token log-probabilities.
 
-    `positions` holds, for each generated token, (the token, its top alternatives as (token, logprob)).
-    The answer position is the first whose generated token names an option (so a leading "(" or
-    space is skipped); there the probability of each option is the summed probability of the
-    alternatives that name it, normalised over the options. None when no generated token names one.
+    `positions` holds, for each generated token, (the token, its top alternatives as (token, logprob));
+    `context` is the text the answer continues (a prefilled "The answer is: (", or nothing). The model
+    may write a preamble first ("The answer is: (B)"), so every position is looked at, in order; the
+    answer position is the first where
+    - the generated token names an option standing alone (see `_label_stands_alone`), or
+    - the text so far ends with "(" and an option is among the alternatives (the question the local
+      backend asks after its prefix), unless the generated token is a longer label ("10" after "(").
+    There the probability of each option is the summed probability of the alternatives that name it,
+    normalised over the options. None when no position qualifies.
     """
     options = list(options)
-    for token, alternatives in positions:
-        if option_of_token(token, options) is None:
+    tokens = [token for token, _ in positions]
+    before = context
+    for k, (token, alternatives) in enumerate(positions):
+        after = "".join(tokens[k + 1 :])
+        named = option_of_token(token, options) is not None
+        alone = named and _label_stands_alone(before, token, after, options)
+        opened = before.rstrip().endswith("(") and not named
+        before += token
+        if not (alone or opened):
             continue
         mass = [0.0] * len(options)
         for alt_token, logprob in alternatives:
@@ -91,7 +119,7 @@ def probs_from_logprobs(
             if index is not None and logprob is not None:
                 mass[index] += math.exp(logprob)
         total = sum(mass)
-        if total <= 0.0:  # the generated token was not among its own alternatives
-            return None
+        if total <= 0.0:  # no option among the alternatives here: look further on
+            continue
         return [m / total for m in mass]
     return None

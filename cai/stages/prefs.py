@@ -8,7 +8,8 @@
    identical answers, are counted and left out.
 4. The labeler judges the pairs not yet recorded (`cai.preferences.judge_pairs`: M principles, both
    orders, soft labels, optional chain of thought), a batch at a time; one record per pair is
-   appended to `prefs/records.jsonl` as soon as its batch is labeled.
+   appended to `prefs/records.jsonl` as soon as its batch is labeled. When almost every question of
+   the first batch comes back unreadable, the stage stops there and says what to try.
 5. `prefs/dataset/`: TRL's conversational preference format (`prompt`, `chosen`, `rejected`) plus
    `label_prob`, the labeler's probability that `chosen` is better (>= 0.5). Pairs without a label
    (unreadable in every principle) are counted in `summary.json` and left out.
@@ -25,7 +26,14 @@ from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.labelers import GenerateRequest, build_labeler
 from cai.labelers.local import LocalGenerator
-from cai.preferences import PairItem, comparison_messages, few_shot_turns, judge_pairs, position_flip
+from cai.preferences import (
+    PairItem,
+    check_labeler_reads,
+    comparison_messages,
+    few_shot_turns,
+    judge_pairs,
+    position_flip,
+)
 from cai.promptsets import split_prompts
 from cai.records import JsonlWriter, atomic_write_json, read_jsonl, save_dataset
 from cai.stages import open_stage, require_done
@@ -158,7 +166,11 @@ def run(cfg: Config) -> Path:
                     PairItem(pair["id"], conversation(pair["prompt"], None, cfg.policy.system_prompt), pair["first"], pair["second"])
                     for pair in batch
                 ]
-                for pair, verdict in zip(batch, judge_pairs(labeler, items, constitution, templates, cfg)):
+                verdicts = judge_pairs(labeler, items, constitution, templates, cfg)
+                if start == 0:  # a labeler that cannot answer choices stops here, its batch unwritten
+                    check_labeler_reads(verdicts, labeler.id, labeler.usage.extra.get("choice_asked"),
+                                        cfg.labeler.choice_method)
+                for pair, verdict in zip(batch, verdicts):
                     writer.write(
                         {
                             "id": pair["id"],
