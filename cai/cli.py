@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="the constitutional judge as an HTTP reward service (OpenRLHF /get_reward, cai /v1/score)",
-        description="Serve the run's constitution and labeler as a reward: pointwise 1-10 ratings, pairwise "
+        description="Serve the run's constitution and labeler as a reward: pointwise 0-9 ratings, pairwise "
         "P(better than a reference), or group-wise debiased win rates (serve.mode). Binds serve.host:serve.port "
         "(127.0.0.1:8000); a bearer token from $CAI_SERVE_TOKEN is required when set, and to bind any other "
         "address. See docs/serve.md.",

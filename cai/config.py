@@ -341,7 +341,7 @@ class ServeConfig(Section):
 
     mode: Literal["pointwise", "pairwise", "group"] = Field(
         "pointwise",
-        description="pointwise: the labeler's 1-10 rating scaled to [-1, 1] (d-RLAIF); pairwise: P(answer better "
+        description="pointwise: the labeler's 0-9 rating scaled to [-1, 1] (d-RLAIF); pairwise: P(answer better "
         "than a reference); group: each answer's debiased win rate against the others of its group (GRPO).",
     )
     host: str = Field("127.0.0.1", description="Address to bind; anything but loopback needs a token in $serve.token_env.")

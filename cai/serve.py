@@ -6,7 +6,7 @@ through the same machinery the stages use (principles drawn per item and seeded,
 labels, chain of thought by config, the answer cache, budgets, usage accounting).
 
 1. Scoring modes (`serve.mode`, or per request in cai's protocol):
-   - pointwise (d-RLAIF, Lee et al. 2023): the labeler's probability-weighted 1-10 rating of each answer
+   - pointwise (d-RLAIF, Lee et al. 2023): the labeler's probability-weighted 0-9 rating of each answer
      under the constitution, scaled to [-1, 1] (cai/rewards.py);
    - pairwise: P(answer better than a reference answer), the prefs stage's debiased soft label
      (cai/preferences.py: M principles, both orders); the caller sends the reference, or the service
@@ -198,7 +198,7 @@ class Judge:
                                            {"raw": choice.raw}))
                 continue
             total = sum(probs)
-            rating = sum((n + 1) * p for n, p in enumerate(probs)) / total
+            rating = sum(n * p for n, p in enumerate(probs)) / total
             results.append(ScoreResult(expected_score(probs), details={
                 "expected_rating": rating, "rating_probs": [p / total for p in probs], "method": choice.method}))
         return results
@@ -630,7 +630,7 @@ def serve(cfg) -> None:
 
 def serve_summary(cfg, judge: Judge) -> str:
     m = judge.settings.principles_per_pair
-    what = {"pointwise": "pointwise 1-10 ratings",
+    what = {"pointwise": "pointwise 0-9 ratings",
             "pairwise": f"pairwise vs reference ({cfg.serve.reference}), {m} principles x 2 orders",
             "group": f"group win rates, {m} principles x 2 orders per pair"}[cfg.serve.mode]
     auth = f"bearer token from ${cfg.serve.token_env}" if os.environ.get(cfg.serve.token_env) else "no token"

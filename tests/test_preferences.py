@@ -350,8 +350,8 @@ def test_a_few_unreadable_questions_do_not_stop():
 def test_prefs_stage_stops_after_a_first_batch_it_cannot_read(sft_run, tmp_path):
     # the whole stage against a server whose model never writes a label: one clear line, early
     from cai.errors import CaiError
-    from cai.records import read_jsonl
-    from cai.stages import prefs
+    from cai.records import mark_done, read_jsonl
+    from cai.stages import prefs, stage_fingerprint
     from tests.fake_servers import FakeLLMServer, ScriptedModel
     from tests.test_prefs_rm_stages import copy_run
 
@@ -361,6 +361,8 @@ def test_prefs_stage_stops_after_a_first_batch_it_cannot_read(sft_run, tmp_path)
         cfg = make("labeler.backend=openai", f"labeler.base_url={server.openai_url}", "labeler.model=smollm2",
                    "labeler.vote_samples=2", "labeler.max_parse_retries=0", "labeler.batch_size=2",
                    "prefs.samples_per_prompt=3")
+        for stage in ("sl", "sft"):  # as if sl and sft had been made with this labeler too
+            mark_done(tmp_path / "run" / stage, stage_fingerprint(cfg, stage))
         with pytest.raises(CaiError, match="gave no readable choice for .* of the first batch") as err:
             prefs.run(cfg)
         asked = len(server.requests)

@@ -51,11 +51,11 @@ def p_option_a(text: str) -> float:
 
 def rating_of(text: str) -> int:
     answer = re.search(r"Assistant: (.*?)\n", text.split("Here is a conversation")[-1]).group(1).strip()
-    return {"great answer": 10, "fine answer": 7, "poor answer": 1}.get(answer, 5)
+    return {"great answer": 9, "fine answer": 6, "poor answer": 0}.get(answer, 4)
 
 
 class JudgeLabeler:
-    """Scripted choices: A/B comparisons by QUALITY (with a position bias), 1-10 ratings by rating_of.
+    """Scripted choices: A/B comparisons by QUALITY (with a position bias), 0-9 ratings by rating_of.
     An item whose text contains FAIL fails, like an API that gave up; `delay` makes each call slow."""
 
     def __init__(self, delay: float = 0.0):
@@ -80,7 +80,7 @@ class JudgeLabeler:
                 out.append(Choice(None, status="failed", error="scripted failure: the API gave up"))
             elif len(r.options) == 10:
                 probs = [0.0] * 10
-                probs[rating_of(text) - 1] = 1.0
+                probs[rating_of(text)] = 1.0
                 out.append(Choice(probs, method="logprobs"))
             else:
                 p = p_option_a(text)
@@ -164,8 +164,8 @@ def test_pointwise_mode_is_the_scaled_rating(tmp_path):
     judge = Judge(config(tmp_path), labeler=JudgeLabeler())
     results = judge.score([ScoreItem("q", "great answer"), ScoreItem("q", "poor answer"), ScoreItem("q", "fine answer")],
                           "pointwise")
-    assert [r.reward for r in results] == pytest.approx([1.0, -1.0, (7 - 5.5) / 4.5])
-    assert results[0].details["expected_rating"] == pytest.approx(10)
+    assert [r.reward for r in results] == pytest.approx([1.0, -1.0, (6 - 4.5) / 4.5])
+    assert results[0].details["expected_rating"] == pytest.approx(9)
 
 
 def test_pairwise_mode_is_the_debiased_probability_of_beating_the_reference(tmp_path):
@@ -451,7 +451,10 @@ def test_killed_mid_batch_and_restarted_asks_nothing_it_had_received(tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         before = set(answered)
-        assert len(before) == 12
+        # the items whose answers had arrived (the first may have been asked more than once while the
+        # labeler found out how this server takes an answer prefix)
+        items_in = {re.search(r"User: (question \d+)", a).group(1) for a in before}
+        assert len(items_in) >= 8
 
         fake.fault_for = None
         port = _free_port()
@@ -464,7 +467,10 @@ def test_killed_mid_batch_and_restarted_asks_nothing_it_had_received(tmp_path):
             second.send_signal(signal.SIGINT)
             out, _ = second.communicate(timeout=30)
     assert status == 200 and all(r["reward"] == pytest.approx(1.0) for r in body["results"])
-    assert len(asked_again) == 40 - 12 and not before & set(asked_again)
+    # every item not answered before the kill is asked (the restarted labeler probes the server's
+    # prefill support once more, so an item may be asked twice), and no item that was answered
+    items_again = {m.group(1) for m in (re.search(r"User: (question \d+)", a) for a in asked_again) if m}
+    assert len(items_again) == 40 - len(items_in) and not items_in & items_again and not before & set(asked_again)
     assert "cai serve: stopped" in out
 
 
