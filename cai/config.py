@@ -47,8 +47,21 @@ class LabelerConfig(Section):
         "smollm2-135m-instruct",
         description="Labeler model: an alias/HF id/folder for local, the API's model name otherwise.",
     )
-    base_url: str | None = Field(
-        None, description="API endpoint, e.g. http://localhost:8000/v1 for a vLLM or llama.cpp server."
+    base_url: str | list[str] | None = Field(
+        None,
+        description="API endpoint, e.g. http://localhost:8000/v1 for a vLLM or llama.cpp server; a list of "
+        "them is a pool: requests go to the least loaded server, a failing one is benched for a while.",
+    )
+    # -- server pools (labeler.base_url given as a list) --
+    server_concurrency: list[int] | None = Field(
+        None, description="Requests in flight per server of a pool, in base_url's order "
+        "(default labeler.concurrency each).",
+    )
+    server_failures: int = Field(
+        3, ge=1, description="Consecutive failures (refused, 5xx, timeout) before a pool server is benched.",
+    )
+    server_bench_seconds: float = Field(
+        30.0, gt=0, description="Seconds a failing pool server is left out before it is tried again.",
     )
     api_key_env: str | None = Field(
         None,
@@ -80,6 +93,18 @@ class LabelerConfig(Section):
         description="USD per million (input, output) tokens, by model name, for cost accounting.",
     )
     cache: bool = Field(True, description="Keep every labeler answer in the on-disk cache.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list names no server; give one URL or several")
+            if len(set(value)) != len(value):
+                raise ValueError(f"names a server twice: {value}")
+            if len(value) == 1:
+                return value[0]
+        return value
 
 
 class DataConfig(Section):

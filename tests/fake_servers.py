@@ -63,6 +63,7 @@ class FakeLLMServer:
         retry_after: str | None = "0",
         slow_seconds: float = 5.0,
         port: int = 0,
+        max_concurrency: int | None = None,
     ):
         self.latency = latency
         self.reply = reply
@@ -74,6 +75,9 @@ class FakeLLMServer:
         self.answered = 0  # requests answered with a 200 and a full, valid body
         self.max_in_flight = 0
         self._in_flight = 0
+        # like a server with a fixed number of slots: requests beyond them queue (for pool benchmarks)
+        self.max_concurrency = max_concurrency
+        self._slots: asyncio.Semaphore | None = None
         self._faults: collections.deque[str] = collections.deque()
         self._port = port
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -98,7 +102,7 @@ class FakeLLMServer:
 
     @property
     def port(self) -> int:
-        return self._server.sockets[0].getsockname()[1]
+        return self._port  # the bound port, still known after stop() (a killed server keeps its URL)
 
     @property
     def url(self) -> str:
@@ -113,7 +117,10 @@ class FakeLLMServer:
         return self.url
 
     async def start_async(self) -> None:
+        if self.max_concurrency:
+            self._slots = asyncio.Semaphore(self.max_concurrency)
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self._port, backlog=1024)
+        self._port = self._server.sockets[0].getsockname()[1]
 
     def start(self) -> "FakeLLMServer":
         """Serve from a background thread with its own event loop."""
@@ -200,6 +207,8 @@ class FakeLLMServer:
         if fault is None and self.fault_for is not None:
             fault = self.fault_for(api, body)
 
+        if self._slots is not None:
+            await self._slots.acquire()
         self._in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
@@ -212,6 +221,8 @@ class FakeLLMServer:
             return await self._fault(fault, api, headers, writer)
         finally:
             self._in_flight -= 1
+            if self._slots is not None:
+                self._slots.release()
 
     async def _fault(self, fault: str, api: str, headers: dict, writer) -> bool:
         if fault == "slow":
@@ -300,10 +311,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run a fake OpenAI/Anthropic server on 127.0.0.1.")
     parser.add_argument("--latency", type=float, default=0.2, help="seconds before each answer")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, default=None, help="requests served at once (more queue)")
     args = parser.parse_args()
 
     async def serve() -> None:
-        server = FakeLLMServer(latency=args.latency, port=args.port)
+        server = FakeLLMServer(latency=args.latency, port=args.port, max_concurrency=args.concurrency)
         await server.start_async()
         print(server.port, flush=True)
         await asyncio.Event().wait()

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from cai.errors import CaiError
 from cai.labelers.base import BudgetExceeded, Choice, ChoiceRequest, GenerateRequest, Generation, Usage
 from cai.labelers.parsing import is_refusal, parse_choice, probs_from_logprobs
+from cai.labelers.pool import POOL_CACHE_URL
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +217,25 @@ class ApiLabeler:
         backoff_base: float = 0.5,
         backoff_max: float = 60.0,
         start_interval: float = 0.002,
+        server_concurrency: list[int] | None = None,
+        server_failures: int = 3,
+        server_bench_seconds: float = 30.0,
     ):
+        # -- server pool hook (pool.py): a list of URLs is a pool; the first stands for them all here --
+        self._pool = None
+        if isinstance(base_url, (list, tuple)):
+            from cai.labelers.pool import ServerPool
+
+            self._pool = ServerPool.from_urls(list(base_url), server_concurrency or concurrency,
+                                              server_failures, server_bench_seconds)
+            base_url, concurrency = base_url[0], self._pool.slots
+        # -- end of the pool hook --
         self.model = model
         self.base_url = base_url.rstrip("/") if base_url else None
         self.api_key_env = api_key_env or self.default_key_env
         self._api_key = resolve_api_key(self.backend, self.api_key_env, self.base_url, self.hosted_hosts)
-        self.id = f"{self.backend}:{model}" + (f"@{public_url(self.base_url)}" if self.base_url else "")
+        where = ",".join(public_url(u) for u in self._pool.urls) if self._pool else public_url(self.base_url)
+        self.id = f"{self.backend}:{model}" + (f"@{where}" if self.base_url else "")
         self.system_prompt = system_prompt
         self.concurrency = concurrency
         self.requests_per_minute = requests_per_minute
@@ -266,6 +280,8 @@ class ApiLabeler:
             max_parse_retries=lab.max_parse_retries, vote_samples=lab.vote_samples,
             choice_method=lab.choice_method, max_requests=lab.max_requests, max_cost=lab.max_cost,
             price=tuple(lab.prices[lab.model]) if lab.model in lab.prices else None,
+            server_concurrency=lab.server_concurrency, server_failures=lab.server_failures,
+            server_bench_seconds=lab.server_bench_seconds,
         )
         kwargs.update(engine_overrides)
         return cls(lab.model, **kwargs)
@@ -284,8 +300,8 @@ class ApiLabeler:
 
     def cache_params(self, kind: str) -> dict:
         """What, besides the request, determines an answer (the cache key; never the API key)."""
-        params = {"backend": self.backend, "model": self.model, "base_url": self.base_url,
-                  "system_prompt": self.system_prompt}
+        params = {"backend": self.backend, "model": self.model, "system_prompt": self.system_prompt,
+                  "base_url": POOL_CACHE_URL if self._pool else self.base_url}  # which pool server answered: not in the key
         if kind == "choose":
             params.update(choice_method=self.choice_method, vote_samples=self.vote_samples)
         return params
@@ -317,6 +333,8 @@ class ApiLabeler:
         if self._http is not None:
             self._run(self._http.close())
             self._http = None
+            if self._pool:
+                self._pool.unbind()
         self._loop.close()
         self._loop = None
 
@@ -386,6 +404,8 @@ class ApiLabeler:
 
         if self._http is None:  # made once (it costs tens of ms) and kept with the loop
             self._http = self._client()
+            if self._pool:  # pool hook: one client per server, sharing the connection pool
+                self._pool.bind(lambda url: self._http.with_options(base_url=url))
         client = self._http
         try:
             # Twice as many workers as slots, so that items sleeping in backoff leave none idle.
@@ -476,10 +496,11 @@ class ApiLabeler:
                 if self._tpm:
                     await self._tpm.acquire(input_est + output_est)
                 self._admit(cost_est)
+                server = await self._pool_acquire()  # pool hook: None without a pool
                 try:
                     reply = await _within(self.timeout, self._send(
-                        client, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                        top_logprobs=top_logprobs, prefill=prefill))
+                        server.client if server else client, messages, max_tokens=max_tokens,
+                        temperature=temperature, top_p=top_p, top_logprobs=top_logprobs, prefill=prefill))
                     error = None
                 except asyncio.TimeoutError:
                     error, status, retry_after = f"timed out after {self.timeout:g} s", None, None
@@ -489,6 +510,7 @@ class ApiLabeler:
                     retry_after = self._retry_after(exc)
                 finally:
                     self._reserved_cost -= cost_est
+            failover = server is not None and self._pool_release(server, error, status if error else None)
             if error is None:
                 self.usage.input_tokens += reply.input_tokens
                 self.usage.output_tokens += reply.output_tokens
@@ -506,8 +528,26 @@ class ApiLabeler:
                 raise _ItemFailed(error, status)  # a bad request stays bad
             if attempt < self.max_tries:
                 self.usage.retries += 1
-                await asyncio.sleep(self._backoff(attempt, retry_after))
+                if not failover:  # a pool server's fault is retried on another server at once
+                    await asyncio.sleep(self._backoff(attempt, retry_after))
         raise _ItemFailed(f"gave up after {self.max_tries} tries: {last_error}")
+
+    # -- server pool hooks (pool.py) -----------------------------------------------------------
+
+    async def _pool_acquire(self):
+        if self._pool is None:
+            return None
+        try:
+            return await self._pool.acquire()
+        except CaiError as err:
+            self._fatal = CaiError(self._scrub(str(err)))
+            raise _Stop from None
+
+    def _pool_release(self, server, error: str | None, status: int | None) -> bool:
+        failover = self._pool.release(server, error, status)
+        if error is None:
+            self.usage.extra["server_requests"] = self._pool.answered()
+        return failover
 
     def _count_parse_retry(self) -> None:
         self.usage.extra["parse_retries"] = self.usage.extra.get("parse_retries", 0) + 1

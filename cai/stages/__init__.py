@@ -54,6 +54,7 @@ OPERATIONAL_KEYS = {
     "labeler": {
         "batch_size", "concurrency", "requests_per_minute", "tokens_per_minute", "timeout",
         "max_tries", "max_requests", "max_cost", "prices", "cache",
+        "server_concurrency", "server_failures", "server_bench_seconds",
     },
     "sft": {"activation_checkpointing"},
     "rm": {"activation_checkpointing"},
@@ -71,6 +72,8 @@ def stage_fingerprint(cfg: Config, stage: str) -> str:
             value = dumped.get(section)
             if isinstance(value, dict):
                 value = {k: v for k, v in value.items() if k not in OPERATIONAL_KEYS.get(section, ())}
+                if section == "labeler" and isinstance(value.get("base_url"), list):
+                    value["base_url"] = "pool"  # adding or removing a server of a pool changes no answer
             parts[section] = value
         templates += STAGE_TEMPLATES.get(name, ())
     parts["constitution_sha256"] = constitution_sha256(cfg.constitution)
