@@ -24,6 +24,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def one_url_or_pool(value):
+    """A base_url: one URL, or a list of them (a pool); a list of one is that URL."""
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("an empty list names no server; give one URL or several")
+        if len(set(value)) != len(value):
+            raise ValueError(f"names a server twice: {value}")
+        if len(value) == 1:
+            return value[0]
+    return value
+
+
 class PolicyConfig(Section):
     model: str = Field(
         "smollm2-135m-instruct",
@@ -37,6 +49,23 @@ class PolicyConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype: auto = float32 on CPU, bfloat16 on GPU."
     )
+    # -- sampling on an inference server (docs/scale.md) --
+    base_url: str | list[str] | None = Field(
+        None,
+        description="OpenAI-compatible server that samples the policy in sl and prefs (e.g. `vllm serve "
+        "MODEL`), instead of this process; a list is a pool, as for labeler.base_url.",
+    )
+    served_model: str | None = Field(
+        None,
+        description="The name the policy server serves the stage's model under "
+        "(default: the model's name or folder as the stage names it).",
+    )
+    concurrency: int = Field(32, ge=1, description="Policy sampling requests in flight (per server of a pool).")
+    api_key_env: str = Field(
+        "CAI_POLICY_API_KEY", description="Environment variable with the policy server's key, if it wants one."
+    )
+
+    _check_base_url = field_validator("base_url")(lambda value: one_url_or_pool(value))
 
 
 class LabelerConfig(Section):
@@ -94,17 +123,7 @@ class LabelerConfig(Section):
     )
     cache: bool = Field(True, description="Keep every labeler answer in the on-disk cache.")
 
-    @field_validator("base_url")
-    @classmethod
-    def _check_base_url(cls, value):
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("an empty list names no server; give one URL or several")
-            if len(set(value)) != len(value):
-                raise ValueError(f"names a server twice: {value}")
-            if len(value) == 1:
-                return value[0]
-        return value
+    _check_base_url = field_validator("base_url")(lambda value: one_url_or_pool(value))
 
 
 class DataConfig(Section):

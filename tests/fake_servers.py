@@ -71,6 +71,7 @@ class FakeLLMServer:
         self.retry_after = retry_after
         self.slow_seconds = slow_seconds
         self.fault_for: Callable[[str, dict], str | None] | None = None
+        self.served_models: list[str] = ["fake-model"]  # what GET /v1/models lists (not counted as a request)
         self.requests: list[dict] = []
         self.answered = 0  # requests answered with a 200 and a full, valid body
         self.max_in_flight = 0
@@ -190,6 +191,10 @@ class FakeLLMServer:
         if path == "/stats":  # for a server in another process; not counted as a request
             await self._send(writer, 200, {"requests": len(self.requests), "answered": self.answered,
                                            "max_in_flight": self.max_in_flight})
+            return True
+        if method == "GET" and path.endswith("/models"):
+            await self._send(writer, 200, {"object": "list", "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "fake"} for name in self.served_models]})
             return True
         try:
             body = json.loads(raw) if raw else {}

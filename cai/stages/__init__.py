@@ -50,7 +50,7 @@ STAGE_TEMPLATES = {
 }
 # Keys that change speed or limits, not results.
 OPERATIONAL_KEYS = {
-    "policy": {"batch_size"},
+    "policy": {"batch_size", "base_url", "served_model", "concurrency", "api_key_env"},
     "labeler": {
         "batch_size", "concurrency", "requests_per_minute", "tokens_per_minute", "timeout",
         "max_tries", "max_requests", "max_cost", "prices", "cache",
