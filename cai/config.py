@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cai.errors import CaiError
 
@@ -96,6 +96,15 @@ class LabelerConfig(Section):
         None,
         description="Environment variable holding the API key (default OPENAI_API_KEY / ANTHROPIC_API_KEY).",
     )
+    # -- batch APIs (docs/labelers.md#batch-apis) --
+    batch_api: bool = Field(
+        False, description="Send the requests through the provider's batch API (OpenAI Batch API, Anthropic "
+        "Message Batches): about half the price, answers within 24 h; batch ids go to the stage folder.",
+    )
+    batch_poll_seconds: float = Field(60.0, gt=0, description="Seconds between two looks at a running batch.")
+    batch_discount: float = Field(
+        0.5, gt=0, le=1, description="Batch price as a fraction of labeler.prices, for the cost and max_cost.",
+    )
     max_new_tokens: int = Field(128, ge=1, description="Longest critique or revision, in tokens.")
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature for critiques and revisions.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling threshold of the labeler.")
@@ -124,6 +133,12 @@ class LabelerConfig(Section):
     cache: bool = Field(True, description="Keep every labeler answer in the on-disk cache.")
 
     _check_base_url = field_validator("base_url")(lambda value: one_url_or_pool(value))
+
+    @model_validator(mode="after")
+    def _check_batch_pool(self):
+        if self.batch_api and isinstance(self.base_url, list):
+            raise ValueError("batch_api=true sends to one provider's API: give one base_url, not a pool")
+        return self
 
 
 class DataConfig(Section):

@@ -32,6 +32,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -220,6 +221,10 @@ class ApiLabeler:
         server_concurrency: list[int] | None = None,
         server_failures: int = 3,
         server_bench_seconds: float = 30.0,
+        batch_api: bool = False,
+        batch_poll_seconds: float = 60.0,
+        batch_discount: float = 0.5,
+        batch_folder: str | None = None,
     ):
         # -- server pool hook (pool.py): a list of URLs is a pool; the first stands for them all here --
         self._pool = None
@@ -230,6 +235,19 @@ class ApiLabeler:
                                               server_failures, server_bench_seconds)
             base_url, concurrency = base_url[0], self._pool.slots
         # -- end of the pool hook --
+        # -- batch API hook (batch.py): every request of a call is in flight at once, at the batch price --
+        self._batch_api = batch_api
+        if batch_api:
+            from cai.labelers.batch import MAX_REQUESTS
+
+            if self._pool is not None:
+                raise CaiError("labeler.batch_api=true takes one labeler.base_url (the provider's), not a pool")
+            concurrency, start_interval = MAX_REQUESTS[self.backend], 0.0
+            if price is not None:
+                price = (price[0] * batch_discount, price[1] * batch_discount)
+            self._batch_poll_seconds = batch_poll_seconds
+            self._batch_folder = batch_folder
+        # -- end of the batch hook --
         self.model = model
         self.base_url = base_url.rstrip("/") if base_url else None
         self.api_key_env = api_key_env or self.default_key_env
@@ -263,6 +281,8 @@ class ApiLabeler:
         self._logprobs_ok = self.supports_logprobs and choice_method != "votes"
         self._prefill_ok = self.supports_prefill
         self._logprobs_known = False  # whether an answer has shown if the server returns log-probabilities
+        if batch_api:  # no probe: it would cost a whole batch round; the hosted API returns them
+            self._logprobs_known = True
         self._probing: asyncio.Event | None = None
         self._rpm = RateLimiter(requests_per_minute) if requests_per_minute else None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -282,7 +302,12 @@ class ApiLabeler:
             price=tuple(lab.prices[lab.model]) if lab.model in lab.prices else None,
             server_concurrency=lab.server_concurrency, server_failures=lab.server_failures,
             server_bench_seconds=lab.server_bench_seconds,
+            batch_api=lab.batch_api, batch_poll_seconds=lab.batch_poll_seconds, batch_discount=lab.batch_discount,
         )
+        if lab.batch_api:  # batch ids go to the stage folder (cai.stages.open_stage names it)
+            from cai.labelers.batch import stage_folder
+
+            kwargs["batch_folder"] = str(stage_folder.get() or Path(cfg.cache_dir).expanduser() / "labeler_batches")
         kwargs.update(engine_overrides)
         return cls(lab.model, **kwargs)
 
@@ -406,6 +431,11 @@ class ApiLabeler:
             self._http = self._client()
             if self._pool:  # pool hook: one client per server, sharing the connection pool
                 self._pool.bind(lambda url: self._http.with_options(base_url=url))
+            if self._batch_api:  # batch hook: requests are queued into batches instead of sent
+                from cai.labelers.batch import BatchTransport
+
+                self._http = BatchTransport(self._http, self.backend, Path(self._batch_folder),
+                                            self._batch_poll_seconds, self.usage)
         client = self._http
         try:
             # Twice as many workers as slots, so that items sleeping in backoff leave none idle.
@@ -498,7 +528,7 @@ class ApiLabeler:
                 self._admit(cost_est)
                 server = await self._pool_acquire()  # pool hook: None without a pool
                 try:
-                    reply = await _within(self.timeout, self._send(
+                    reply = await _within(None if self._batch_api else self.timeout, self._send(
                         server.client if server else client, messages, max_tokens=max_tokens,
                         temperature=temperature, top_p=top_p, top_logprobs=top_logprobs, prefill=prefill))
                     error = None

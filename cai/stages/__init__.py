@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cai.config import Config, config_hash, to_yaml
 from cai.constitution import constitution_sha256
+from cai.labelers import batch
 from cai.errors import CaiError
 from cai.records import (
     DONE,
@@ -55,6 +56,7 @@ OPERATIONAL_KEYS = {
         "batch_size", "concurrency", "requests_per_minute", "tokens_per_minute", "timeout",
         "max_tries", "max_requests", "max_cost", "prices", "cache",
         "server_concurrency", "server_failures", "server_bench_seconds",
+        "batch_api", "batch_poll_seconds", "batch_discount",
     },
     "sft": {"activation_checkpointing"},
     "rm": {"activation_checkpointing"},
@@ -124,6 +126,7 @@ def open_stage(cfg: Config, stage: str, force: bool = False) -> Stage:
             print(f"[{stage}] config changed since the last run: rerunning {stage} from scratch")
         shutil.rmtree(path)
     ensure_writable(path)
+    batch.stage_folder.set(path)  # where a labeler in batch mode writes its batch ids
     if resumed:
         print(f"[{stage}] resuming the unfinished run in {path}")
     atomic_write_text(path / FINGERPRINT, fingerprint + "\n")
