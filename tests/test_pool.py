@@ -145,3 +145,16 @@ def test_sl_stage_on_a_pool_with_a_server_killed_midway(tiny_config, servers):
     counts = usage["total"]["server_requests"]
     assert sum(counts.values()) == len(statuses) and 4 <= counts[urls[1]] < len(statuses) / 3
     assert counts[urls[0]] > 0 and counts[urls[2]] > 0
+
+
+def test_anthropic_backend_spreads_over_a_pool_too(servers):
+    from cai.labelers.anthropic_api import AnthropicLabeler
+
+    labeler = AnthropicLabeler("pool-model", base_url=[s.anthropic_url for s in servers], concurrency=2, **FAST)
+    try:
+        results = labeler.generate(requests(30))
+    finally:
+        labeler.close()
+    assert [r.text for r in results] == [f"Answer to: q {i}" for i in range(30)]
+    assert all(s.bodies("/v1/messages") for s in servers)
+    assert sum(labeler.usage.extra["server_requests"].values()) == 30

@@ -107,6 +107,8 @@ class BatchTransport:
             batch.waiters.setdefault(custom_id, []).append(future)
             self._deliver(batch)
             if batch.results is None and batch.poller is None:  # a batch of an earlier run: poll it
+                print(f"[batch] {batch.entry['id']} was submitted by an earlier run "
+                      f"({len(batch.ids)} requests, last seen {batch.entry['status']}): waiting for it", flush=True)
                 batch.poller = asyncio.ensure_future(self._poll(batch))
         else:
             self.queue.append((custom_id, path, body, future))
