@@ -158,3 +158,30 @@ def test_anthropic_backend_spreads_over_a_pool_too(servers):
     assert [r.text for r in results] == [f"Answer to: q {i}" for i in range(30)]
     assert all(s.bodies("/v1/messages") for s in servers)
     assert sum(labeler.usage.extra["server_requests"].values()) == 30
+
+
+def test_pool_picks_the_least_loaded_server_waits_when_full_and_benches_a_failing_one():
+    import asyncio
+
+    from cai.labelers.pool import ServerPool
+
+    async def scenario():
+        pool = ServerPool.from_urls(["http://a", "http://b"], [1, 3], failures=2, bench_seconds=60)
+        pool.bind(lambda url: url)
+        taken = [await pool.acquire() for _ in range(4)]
+        assert [s.url for s in taken] == ["http://a", "http://b", "http://b", "http://b"]
+        waiter = asyncio.ensure_future(pool.acquire())  # every slot is taken: it waits
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        assert pool.release(taken[0], "APIConnectionError: refused", None) is True  # the server's fault
+        assert (await asyncio.wait_for(waiter, 1)).url == "http://a"
+        assert pool.release(taken[1], "fake 400", 400) is False  # the request's fault: benches nothing
+        assert pool.release(waiter.result(), "timed out", None) is True  # a's second failure in a row
+        assert [s.url for s in [await pool.acquire()]] == ["http://b"]  # a is benched
+        for server in taken[2:]:
+            pool.release(server, "HTTP 503", 503)
+        with pytest.raises(CaiError, match="no server of labeler.base_url is left"):
+            await pool.acquire()
+        assert pool.answered() == {"http://a": 0, "http://b": 0}
+
+    asyncio.run(scenario())
