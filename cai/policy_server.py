@@ -77,13 +77,7 @@ class _ServerSampler:
     def __init__(self, cfg, source: str):
         from cai.labelers.cache import CachedLabeler, default_cache_path
 
-        policy = cfg.policy
-        self.server = ServerPolicy(
-            policy.served_model or source, source, base_url=policy.base_url, api_key_env=policy.api_key_env,
-            system_prompt=policy.system_prompt, concurrency=policy.concurrency, timeout=cfg.labeler.timeout,
-            max_tries=cfg.labeler.max_tries, price=(0.0, 0.0), server_failures=cfg.labeler.server_failures,
-            server_bench_seconds=cfg.labeler.server_bench_seconds,
-        )
+        self.server = _server_policy(cfg, source)
         self.server.check_served_model()
         self.sampler = CachedLabeler(self.server, default_cache_path(cfg))
         self.id = self.server.id
@@ -97,6 +91,31 @@ class _ServerSampler:
 
     def close(self) -> None:
         self.sampler.close()
+
+
+def check_policy(cfg, source: str) -> None:
+    """Before a stage writes anything: the model's weights can be found here (local sampling), or
+    the server at `policy.base_url` serves it. One line (CaiError) otherwise."""
+    if not cfg.policy.base_url:
+        from cai.models import resolve_model
+
+        resolve_model(source, cfg.cache_dir)
+        return
+    server = _server_policy(cfg, source)
+    try:
+        server.check_served_model()
+    finally:
+        server.close()
+
+
+def _server_policy(cfg, source: str) -> ServerPolicy:
+    policy = cfg.policy
+    return ServerPolicy(
+        policy.served_model or source, source, base_url=policy.base_url, api_key_env=policy.api_key_env,
+        system_prompt=policy.system_prompt, concurrency=policy.concurrency, timeout=cfg.labeler.timeout,
+        max_tries=cfg.labeler.max_tries, price=(0.0, 0.0), server_failures=cfg.labeler.server_failures,
+        server_bench_seconds=cfg.labeler.server_bench_seconds,
+    )
 
 
 def open_policy(cfg, source: str, shared: dict | None = None):

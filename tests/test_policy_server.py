@@ -76,6 +76,7 @@ def test_served_model_is_checked_by_name_in_one_line(tiny_config, server, tiny_m
     message = str(err.value)
     assert "\n" not in message and "someone-else" in message and str(tiny_model_dir) in message
     assert not server.bodies("/chat/completions")
+    assert not (Path(cfg.output_dir) / "sl").exists()  # checked before anything is written
     # vLLM names a model by the path it was started with: the same folder under another spelling matches
     server.served_models = [str(tiny_model_dir) + "/"]
     from cai.policy_server import open_policy

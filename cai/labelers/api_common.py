@@ -246,7 +246,7 @@ class ApiLabeler:
             if price is not None:
                 price = (price[0] * batch_discount, price[1] * batch_discount)
             self._batch_poll_seconds = batch_poll_seconds
-            self._batch_folder = batch_folder
+            self._batch_folder = batch_folder or str(Path("~/.cache/cai/labeler_batches").expanduser())
         # -- end of the batch hook --
         self.model = model
         self.base_url = base_url.rstrip("/") if base_url else None

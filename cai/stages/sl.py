@@ -21,7 +21,7 @@ from cai.config import Config
 from cai.constitution import Constitution, load_constitution
 from cai.errors import CaiError
 from cai.labelers import GenerateRequest, Labeler, build_labeler
-from cai.policy_server import open_policy
+from cai.policy_server import check_policy, open_policy
 from cai.promptsets import Prompt, split_prompts
 from cai.records import JsonlWriter, atomic_write_json, read_jsonl, record_labeler_usage, save_dataset
 from cai.stages import open_stage
@@ -136,8 +136,7 @@ def run(cfg: Config) -> Path:
         raise CaiError("data: the sl split has no red-team prompts; add prompts or raise data.fractions.sl")
     from cai.models import resolve_model
 
-    if not cfg.policy.base_url:  # sampled on a server: the weights need not be here
-        resolve_model(cfg.policy.model, cfg.cache_dir)
+    check_policy(cfg, cfg.policy.model)  # its weights here, or a server at policy.base_url serving it
     if cfg.labeler.backend == "local":
         resolve_model(cfg.labeler.model, cfg.cache_dir)
 
