@@ -134,3 +134,35 @@ def test_sigkill_while_the_batch_runs_then_rerun_resumes_it_without_resubmitting
     after = subprocess.run([sys.executable, "-c", KILLABLE, "batches", str(config)], cwd=ROOT, env=env,
                            capture_output=True, text=True)
     assert "no open labeler batches" in after.stdout
+
+
+def test_choices_in_batches_logprobs_in_one_batch_votes_in_the_next(server, tmp_path):
+    from cai.labelers import ChoiceRequest
+
+    def pick(text):
+        return ChoiceRequest([{"role": "user", "content": text}])
+
+    server.logprobs = lambda body: [{"(": -0.01}, {"B": -0.2, "A": -1.8}]
+    lab = labeler(OpenAILabeler, server, tmp_path / "logprobs")
+    try:
+        choices = lab.choose([pick("first"), pick("second")])
+    finally:
+        lab.close()
+    assert all(c.method == "logprobs" and c.status == "ok" and c.probs[1] > 0.7 for c in choices)
+    assert [len(b["lines"]) for b in server.batches.values()] == [2]  # no probe batch before them
+
+    # Anthropic has no log-probabilities: the votes of both items go out together, prefilled
+    server.batches.clear()
+    votes = iter("A) B) B) B) A) A) A) B)".split())
+    server.reply = lambda api, body: next(votes)
+    lab = labeler(AnthropicLabeler, server, tmp_path / "votes", vote_samples=4)
+    try:
+        choices = lab.choose([pick("first"), pick("second")])
+    finally:
+        lab.close()
+    assert [len(b["lines"]) for b in server.batches.values()] == [8]
+    assert all(c.method == "votes" and c.status == "ok" for c in choices)
+    assert sorted(sum(c.probs) for c in choices) == [1.0, 1.0]
+    lines = next(iter(server.batches.values()))["lines"]
+    assert len({cid for cid, _ in lines}) == 8  # identical vote requests get distinct custom ids
+    assert all(body["messages"][-1] == {"role": "assistant", "content": "The answer is: ("} for _, body in lines)
