@@ -135,9 +135,11 @@ class LabelerConfig(Section):
     _check_base_url = field_validator("base_url")(lambda value: one_url_or_pool(value))
 
     @model_validator(mode="after")
-    def _check_batch_pool(self):
+    def _check_pool_keys(self):
         if self.batch_api and isinstance(self.base_url, list):
             raise ValueError("batch_api=true sends to one provider's API: give one base_url, not a pool")
+        if self.server_concurrency is not None and not isinstance(self.base_url, list):
+            raise ValueError("server_concurrency is for a pool: give base_url as a list of servers")
         return self
 
 

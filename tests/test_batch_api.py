@@ -166,3 +166,17 @@ def test_choices_in_batches_logprobs_in_one_batch_votes_in_the_next(server, tmp_
     lines = next(iter(server.batches.values()))["lines"]
     assert len({cid for cid, _ in lines}) == 8  # identical vote requests get distinct custom ids
     assert all(body["messages"][-1] == {"role": "assistant", "content": "The answer is: ("} for _, body in lines)
+
+
+def test_a_batch_stays_under_the_providers_size_limit(server, tmp_path, monkeypatch):
+    from cai.labelers import batch
+
+    monkeypatch.setitem(batch.MAX_BYTES, "openai", 1000)  # about three of these requests per batch
+    lab = labeler(OpenAILabeler, server, tmp_path)
+    try:
+        results = lab.generate([GenerateRequest([{"role": "user", "content": f"{i} " + "x" * 100}]) for i in range(7)])
+    finally:
+        lab.close()
+    assert all(r.status == "ok" for r in results)
+    sizes = [len(b["lines"]) for b in server.batches.values()]
+    assert sum(sizes) == 7 and len(sizes) >= 3 and max(sizes) <= 3

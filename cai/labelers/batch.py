@@ -41,6 +41,7 @@ RESULTS_DIR = "labeler_batches"
 OPEN_STATUSES = {"validating", "in_progress", "finalizing", "cancelling", "canceling"}
 GATHER_SECONDS = 0.2  # no new request for this long: every item waits, the batch goes out
 MAX_REQUESTS = {"openai": 50_000, "anthropic": 100_000}  # per batch, the providers' limits
+MAX_BYTES = {"openai": 190_000_000, "anthropic": 240_000_000}  # under their 200 MB / 256 MB per batch
 
 # The folder of the stage being run (set by cai.stages.open_stage): where batch ids are written.
 stage_folder: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cai_stage_folder", default=None)
@@ -172,7 +173,13 @@ class BatchTransport:
             if idle < GATHER_SECONDS and len(self.queue) < MAX_REQUESTS[self.backend]:
                 await asyncio.sleep(GATHER_SECONDS - idle)
                 continue
-            items, self.queue = self.queue[: MAX_REQUESTS[self.backend]], self.queue[MAX_REQUESTS[self.backend]:]
+            count, size = 0, 0
+            for _, _, body, _ in self.queue[: MAX_REQUESTS[self.backend]]:
+                size += len(json.dumps(body)) + 200  # the line's own fields
+                if count and size > MAX_BYTES[self.backend]:
+                    break
+                count += 1
+            items, self.queue = self.queue[:count], self.queue[count:]
             try:
                 batch = await self._submit(items)
             except Exception as exc:  # noqa: BLE001 - the requests fail (and are retried) like online ones
