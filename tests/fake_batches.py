@@ -6,6 +6,7 @@ and error files) and Anthropic's Message Batches (create, poll, results), on top
         server.polls_until_done = 2            # in_progress for two looks, then it ends
         server.line_error = lambda custom_id, body: 500 if ... else None   # an errored line
         server.expire_after = 3                # only 3 lines run, then the batch expires
+        server.poll_faults = 2                 # the next two looks at an OpenAI batch answer 503
         ...
         server.batches                         # every batch created: {"id", "api", "lines", "polls", ...}
 
@@ -32,6 +33,7 @@ class FakeBatchServer(FakeLLMServer):
         self.polls_until_done = polls_until_done
         self.line_error: Callable[[str, dict], int | None] | None = None
         self.expire_after: int | None = None  # when set: lines after the first N expire
+        self.poll_faults = 0  # the next N looks at a batch answer 503
         self.batches: dict[str, dict] = {}
         self.files: dict[str, bytes] = {}
         self._ids = itertools.count(1)
@@ -54,6 +56,10 @@ class FakeBatchServer(FakeLLMServer):
             batch = self._new_batch("openai", [(line["custom_id"], line["body"]) for line in lines])
             batch["input_file_id"] = body["input_file_id"]
             await self._send(writer, 200, self._openai_batch(batch))
+            return True
+        if route.startswith("/v1/batches/") and method == "GET" and self.poll_faults:
+            self.poll_faults -= 1
+            await self._send(writer, 503, self._error("openai", 503))
             return True
         if route.startswith("/v1/batches/") and method == "GET":
             batch = self._look(route.split("/")[3])

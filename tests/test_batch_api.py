@@ -180,3 +180,14 @@ def test_a_batch_stays_under_the_providers_size_limit(server, tmp_path, monkeypa
     assert all(r.status == "ok" for r in results)
     sizes = [len(b["lines"]) for b in server.batches.values()]
     assert sum(sizes) == 7 and len(sizes) >= 3 and max(sizes) <= 3
+
+
+def test_a_failed_look_at_a_running_batch_is_tried_again_not_resubmitted(server, tmp_path, caplog):
+    server.poll_faults = 2
+    lab = labeler(OpenAILabeler, server, tmp_path)
+    try:
+        results = lab.generate(questions(3))
+    finally:
+        lab.close()
+    assert all(r.status == "ok" for r in results) and len(server.batches) == 1
+    assert "looking at it failed" in caplog.text and server.poll_faults == 0

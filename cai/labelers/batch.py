@@ -31,10 +31,13 @@ import asyncio
 import contextvars
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
 from cai.records import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "labeler_batches.json"
 RESULTS_DIR = "labeler_batches"
@@ -214,28 +217,49 @@ class BatchTransport:
         return batch
 
     async def _poll(self, batch: _Batch) -> None:
+        """Look at the batch until it ends, then fetch its results. A failed look (the network, a 5xx) is
+        tried again at the next one: the batch keeps running, and resubmitting it would pay twice. A
+        rejected key or an unknown batch (401/403/404) is handed to the waiting requests, which stop
+        the stage with one line as online."""
         batch_id = batch.entry["id"]
         while True:
-            if self.backend == "openai":
-                info = await self.client.batches.retrieve(batch_id)
-                status = info.status
-                ended = status in ("completed", "expired", "cancelled", "failed")
-            else:
-                info = await self.client.messages.batches.retrieve(batch_id)
-                status = info.processing_status
-                ended = status == "ended"
-            if status != batch.entry["status"]:
-                batch.entry["status"] = status
-                self._save_state()
-                print(f"[batch] {batch_id}: {status}", flush=True)
-            if ended:
-                break
+            try:
+                ended, info = await self._look(batch)
+                if ended:
+                    results = await (self._openai_results(info) if self.backend == "openai"
+                                     else self._anthropic_results(batch_id))
+                    break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified just below
+                status = getattr(exc, "status_code", None)
+                if status in (401, 403, 404):
+                    results = {cid: {"status_code": status, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                               for cid in batch.ids}
+                    break
+                log.warning("batch %s: looking at it failed (%s); trying again in %g s",
+                            batch_id, f"{type(exc).__name__}: {exc}"[:200], self.poll_seconds)
             await asyncio.sleep(self.poll_seconds)
-        results = await (self._openai_results(info) if self.backend == "openai" else self._anthropic_results(batch_id))
         lines = "".join(json.dumps({"custom_id": cid, **line}) + "\n" for cid, line in results.items())
         atomic_write_text(self.folder / RESULTS_DIR / f"{batch_id}.jsonl", lines)
         batch.results = results
         self._deliver(batch)
+
+    async def _look(self, batch: _Batch):
+        """(whether the batch has ended, what the provider said about it); its status saved when it changed."""
+        if self.backend == "openai":
+            info = await self.client.batches.retrieve(batch.entry["id"])
+            status = info.status
+            ended = status in ("completed", "expired", "cancelled", "failed")
+        else:
+            info = await self.client.messages.batches.retrieve(batch.entry["id"])
+            status = info.processing_status
+            ended = status == "ended"
+        if status != batch.entry["status"]:
+            batch.entry["status"] = status
+            self._save_state()
+            print(f"[batch] {batch.entry['id']}: {status}", flush=True)
+        return ended, info
 
     async def _openai_results(self, info) -> dict[str, dict]:
         results: dict[str, dict] = {}
