@@ -95,12 +95,16 @@ def test_prefs_samples_the_sft_model_on_the_server(tiny_config, server, monkeypa
     sft_dir = Path(cfg.output_dir) / "sft"
     sft_dir.mkdir(parents=True)
     (sft_dir / "DONE").write_text("")  # the folder vLLM would be serving
-    server.served_models = [str(sft_dir)]
     counter = itertools.count()
-    server.reply = lambda api, body: f"sampled answer number {next(counter)}"
-    cfg = tiny_config("data.limit=10", f"policy.base_url={json.dumps([server.openai_url])}")
-    monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None: ScriptedLabeler())
-    out = prefs.run(cfg)
-    samples = read_jsonl(out / "samples.jsonl")
-    assert samples and all(s["answers"][0].startswith("sampled answer number") for s in samples)
-    assert len(policy_bodies(server, str(sft_dir))) == sum(len(s["answers"]) for s in samples)
+    with FakeLLMServer() as second:  # a pool of two servers of the sft model
+        for srv in (server, second):
+            srv.served_models = [str(sft_dir)]
+            srv.reply = lambda api, body: f"sampled answer number {next(counter)}"
+        cfg = tiny_config("data.limit=10", f"policy.base_url={json.dumps([server.openai_url, second.openai_url])}",
+                          "policy.concurrency=1")
+        monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None: ScriptedLabeler())
+        out = prefs.run(cfg)
+        samples = read_jsonl(out / "samples.jsonl")
+        assert samples and all(s["answers"][0].startswith("sampled answer number") for s in samples)
+        sent = [len(policy_bodies(srv, str(sft_dir))) for srv in (server, second)]
+    assert sum(sent) == sum(len(s["answers"]) for s in samples) and min(sent) > 0
