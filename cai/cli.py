@@ -158,6 +158,22 @@ def cmd_serve(args) -> int:
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
     serve(cfg)
+
+
+def cmd_batches(args) -> int:
+    import datetime
+
+    from cai.config import load_config
+    from cai.labelers.batch import open_batches
+
+    cfg = load_config(args.config, args.overrides)
+    batches = [b for b in open_batches(cfg.output_dir) if args.all or b["open"]]
+    if not batches:
+        print(f"no {'' if args.all else 'open '}labeler batches under {cfg.output_dir}")
+    for b in batches:
+        created = datetime.datetime.fromtimestamp(b["created"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        print(f"{b['stage']:6s} {b['backend']:9s} {b['id']}  {b['status']:12s} {b['requests']:6d} requests  "
+              f"submitted {created}")
     return 0
 
 
@@ -234,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. serve.mode=group serve.port=8001")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("batches", help="list the labeler batches (labeler.batch_api) a run has open")
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument("--all", action="store_true", help="also the batches that have ended")
+    p.set_defaults(func=cmd_batches)
 
     p = sub.add_parser("config-keys", help="list every config key with its help text and default")
     p.set_defaults(func=cmd_config_keys)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cai.errors import CaiError
 
@@ -22,6 +22,18 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def one_url_or_pool(value):
+    """A base_url: one URL, or a list of them (a pool); a list of one is that URL."""
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("an empty list names no server; give one URL or several")
+        if len(set(value)) != len(value):
+            raise ValueError(f"names a server twice: {value}")
+        if len(value) == 1:
+            return value[0]
+    return value
 
 
 class PolicyConfig(Section):
@@ -40,6 +52,23 @@ class PolicyConfig(Section):
         "float32 weights and compute in this dtype under autocast; models that only sample or stay frozen are "
         "stored in it.",
     )
+    # -- sampling on an inference server (docs/scale.md) --
+    base_url: str | list[str] | None = Field(
+        None,
+        description="OpenAI-compatible server that samples the policy in sl and prefs (e.g. `vllm serve "
+        "MODEL`), instead of this process; a list is a pool, as for labeler.base_url.",
+    )
+    served_model: str | None = Field(
+        None,
+        description="The name the policy server serves the stage's model under "
+        "(default: the model's name or folder as the stage names it).",
+    )
+    concurrency: int = Field(32, ge=1, description="Policy sampling requests in flight (per server of a pool).")
+    api_key_env: str = Field(
+        "CAI_POLICY_API_KEY", description="Environment variable with the policy server's key, if it wants one."
+    )
+
+    _check_base_url = field_validator("base_url")(lambda value: one_url_or_pool(value))
 
 
 class LabelerConfig(Section):
@@ -50,12 +79,34 @@ class LabelerConfig(Section):
         "smollm2-135m-instruct",
         description="Labeler model: an alias/HF id/folder for local, the API's model name otherwise.",
     )
-    base_url: str | None = Field(
-        None, description="API endpoint, e.g. http://localhost:8000/v1 for a vLLM or llama.cpp server."
+    base_url: str | list[str] | None = Field(
+        None,
+        description="API endpoint, e.g. http://localhost:8000/v1 for a vLLM or llama.cpp server; a list of "
+        "them is a pool: requests go to the least loaded server, a failing one is benched for a while.",
+    )
+    # -- server pools (labeler.base_url given as a list) --
+    server_concurrency: list[int] | None = Field(
+        None, description="Requests in flight per server of a pool, in base_url's order "
+        "(default labeler.concurrency each).",
+    )
+    server_failures: int = Field(
+        3, ge=1, description="Consecutive failures (refused, 5xx, timeout) before a pool server is benched.",
+    )
+    server_bench_seconds: float = Field(
+        30.0, gt=0, description="Seconds a failing pool server is left out before it is tried again.",
     )
     api_key_env: str | None = Field(
         None,
         description="Environment variable holding the API key (default OPENAI_API_KEY / ANTHROPIC_API_KEY).",
+    )
+    # -- batch APIs (docs/labelers.md#batch-apis) --
+    batch_api: bool = Field(
+        False, description="Send the requests through the provider's batch API (OpenAI Batch API, Anthropic "
+        "Message Batches): about half the price, answers within 24 h; batch ids go to the stage folder.",
+    )
+    batch_poll_seconds: float = Field(60.0, gt=0, description="Seconds between two looks at a running batch.")
+    batch_discount: float = Field(
+        0.5, gt=0, le=1, description="Batch price as a fraction of labeler.prices, for the cost and max_cost.",
     )
     max_new_tokens: int = Field(128, ge=1, description="Longest critique or revision, in tokens.")
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature for critiques and revisions.")
@@ -83,6 +134,16 @@ class LabelerConfig(Section):
         description="USD per million (input, output) tokens, by model name, for cost accounting.",
     )
     cache: bool = Field(True, description="Keep every labeler answer in the on-disk cache.")
+
+    _check_base_url = field_validator("base_url")(lambda value: one_url_or_pool(value))
+
+    @model_validator(mode="after")
+    def _check_pool_keys(self):
+        if self.batch_api and isinstance(self.base_url, list):
+            raise ValueError("batch_api=true sends to one provider's API: give one base_url, not a pool")
+        if self.server_concurrency is not None and not isinstance(self.base_url, list):
+            raise ValueError("server_concurrency is for a pool: give base_url as a list of servers")
+        return self
 
 
 class DataConfig(Section):

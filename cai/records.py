@@ -182,6 +182,10 @@ def record_labeler_usage(stage_dir: str | Path, labeler) -> dict:
         for key, value in run.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 total[key] = total.get(key, 0) + value
+            elif isinstance(value, dict):  # e.g. server_requests: {url: n}
+                sub = total.setdefault(key, {})
+                for name, n in value.items():
+                    sub[name] = sub.get(name, 0) + n
     data = {"labeler": labeler.id, "total": total, "runs": runs}
     atomic_write_json(path, data)
     return data

@@ -120,6 +120,7 @@ class FakeLLMServer:
         completions: bool = False,
         apply_template: bool = False,
         chat_logprobs: bool = True,
+        max_concurrency: int | None = None,
     ):
         self.model = model
         self.continue_final_message = continue_final_message
@@ -132,10 +133,14 @@ class FakeLLMServer:
         self.retry_after = retry_after
         self.slow_seconds = slow_seconds
         self.fault_for: Callable[[str, dict], str | None] | None = None
+        self.served_models: list[str] = ["fake-model"]  # what GET /v1/models lists (not counted as a request)
         self.requests: list[dict] = []
         self.answered = 0  # requests answered with a 200 and a full, valid body
         self.max_in_flight = 0
         self._in_flight = 0
+        # like a server with a fixed number of slots: requests beyond them queue (for pool benchmarks)
+        self.max_concurrency = max_concurrency
+        self._slots: asyncio.Semaphore | None = None
         self._faults: collections.deque[str] = collections.deque()
         self._port = port
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -160,7 +165,7 @@ class FakeLLMServer:
 
     @property
     def port(self) -> int:
-        return self._server.sockets[0].getsockname()[1]
+        return self._port  # the bound port, still known after stop() (a killed server keeps its URL)
 
     @property
     def url(self) -> str:
@@ -175,7 +180,10 @@ class FakeLLMServer:
         return self.url
 
     async def start_async(self) -> None:
+        if self.max_concurrency:
+            self._slots = asyncio.Semaphore(self.max_concurrency)
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self._port, backlog=1024)
+        self._port = self._server.sockets[0].getsockname()[1]
 
     def start(self) -> "FakeLLMServer":
         """Serve from a background thread with its own event loop."""
@@ -246,6 +254,10 @@ class FakeLLMServer:
             await self._send(writer, 200, {"requests": len(self.requests), "answered": self.answered,
                                            "max_in_flight": self.max_in_flight})
             return True
+        if method == "GET" and path.endswith("/models"):
+            await self._send(writer, 200, {"object": "list", "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "fake"} for name in self.served_models]})
+            return True
         try:
             body = json.loads(raw) if raw else {}
         except ValueError:
@@ -267,6 +279,8 @@ class FakeLLMServer:
         if fault is None and self.fault_for is not None:
             fault = self.fault_for(api, body)
 
+        if self._slots is not None:
+            await self._slots.acquire()
         self._in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
@@ -284,6 +298,8 @@ class FakeLLMServer:
             return await self._fault(fault, api, headers, writer)
         finally:
             self._in_flight -= 1
+            if self._slots is not None:
+                self._slots.release()
 
     async def _fault(self, fault: str, api: str, headers: dict, writer) -> bool:
         if fault == "slow":
@@ -410,10 +426,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run a fake OpenAI/Anthropic server on 127.0.0.1.")
     parser.add_argument("--latency", type=float, default=0.2, help="seconds before each answer")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, default=None, help="requests served at once (more queue)")
     args = parser.parse_args()
 
     async def serve() -> None:
-        server = FakeLLMServer(latency=args.latency, port=args.port)
+        server = FakeLLMServer(latency=args.latency, port=args.port, max_concurrency=args.concurrency)
         await server.start_async()
         print(server.port, flush=True)
         await asyncio.Event().wait()

@@ -37,6 +37,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -45,6 +46,7 @@ from tqdm.auto import tqdm
 from cai.errors import CaiError
 from cai.labelers.base import CHOICE_METHODS, BudgetExceeded, Choice, ChoiceRequest, GenerateRequest, Generation, Usage
 from cai.labelers.parsing import is_refusal, option_of_token, parse_choice, probs_from_logprobs
+from cai.labelers.pool import POOL_CACHE_URL
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +230,42 @@ class ApiLabeler:
         backoff_max: float = 60.0,
         start_interval: float = 0.002,
         cache_dir: str | None = None,
+        server_concurrency: list[int] | None = None,
+        server_failures: int = 3,
+        server_bench_seconds: float = 30.0,
+        batch_api: bool = False,
+        batch_poll_seconds: float = 60.0,
+        batch_discount: float = 0.5,
+        batch_folder: str | None = None,
     ):
+        # -- server pool hook (pool.py): a list of URLs is a pool; the first stands for them all here --
+        self._pool = None
+        if isinstance(base_url, (list, tuple)):
+            from cai.labelers.pool import ServerPool
+
+            self._pool = ServerPool.from_urls(list(base_url), server_concurrency or concurrency,
+                                              server_failures, server_bench_seconds)
+            base_url, concurrency = base_url[0], self._pool.slots
+        # -- end of the pool hook --
+        # -- batch API hook (batch.py): every request of a call is in flight at once, at the batch price --
+        self._batch_api = batch_api
+        if batch_api:
+            from cai.labelers.batch import MAX_REQUESTS
+
+            if self._pool is not None:
+                raise CaiError("labeler.batch_api=true takes one labeler.base_url (the provider's), not a pool")
+            concurrency, start_interval = MAX_REQUESTS[self.backend], 0.0
+            if price is not None:
+                price = (price[0] * batch_discount, price[1] * batch_discount)
+            self._batch_poll_seconds = batch_poll_seconds
+            self._batch_folder = batch_folder or str(Path("~/.cache/cai/labeler_batches").expanduser())
+        # -- end of the batch hook --
         self.model = model
         self.base_url = base_url.rstrip("/") if base_url else None
         self.api_key_env = api_key_env or self.default_key_env
         self._api_key = resolve_api_key(self.backend, self.api_key_env, self.base_url, self.hosted_hosts)
-        self.id = f"{self.backend}:{model}" + (f"@{public_url(self.base_url)}" if self.base_url else "")
+        where = ",".join(public_url(u) for u in self._pool.urls) if self._pool else public_url(self.base_url)
+        self.id = f"{self.backend}:{model}" + (f"@{where}" if self.base_url else "")
         self.system_prompt = system_prompt
         self.concurrency = concurrency
         self.requests_per_minute = requests_per_minute
@@ -263,6 +295,8 @@ class ApiLabeler:
         self._prefill_ok = self.supports_prefill
         self._logprobs_known = False  # whether an answer has shown if the server returns log-probabilities
         self._prefill_way = _UNKNOWN if self.prefill_ways else None  # a way from prefill_ways that works, or None
+        if batch_api:  # no probe: it would cost a whole batch round; the hosted API returns them
+            self._logprobs_known, self._prefill_way = True, None
         self._probing: asyncio.Event | None = None
         self._rpm = RateLimiter(requests_per_minute) if requests_per_minute else None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -281,7 +315,14 @@ class ApiLabeler:
             choice_method=lab.choice_method, max_requests=lab.max_requests, max_cost=lab.max_cost,
             price=tuple(lab.prices[lab.model]) if lab.model in lab.prices else None,
             cache_dir=str(cfg.cache_dir),
+            server_concurrency=lab.server_concurrency, server_failures=lab.server_failures,
+            server_bench_seconds=lab.server_bench_seconds,
+            batch_api=lab.batch_api, batch_poll_seconds=lab.batch_poll_seconds, batch_discount=lab.batch_discount,
         )
+        if lab.batch_api:  # batch ids go to the stage folder (cai.stages.open_stage names it)
+            from cai.labelers.batch import stage_folder
+
+            kwargs["batch_folder"] = str(stage_folder.get() or Path(cfg.cache_dir).expanduser() / "labeler_batches")
         kwargs.update(engine_overrides)
         return cls(lab.model, **kwargs)
 
@@ -301,8 +342,8 @@ class ApiLabeler:
 
     def cache_params(self, kind: str) -> dict:
         """What, besides the request, determines an answer (the cache key; never the API key)."""
-        params = {"backend": self.backend, "model": self.model, "base_url": self.base_url,
-                  "system_prompt": self.system_prompt}
+        params = {"backend": self.backend, "model": self.model, "system_prompt": self.system_prompt,
+                  "base_url": POOL_CACHE_URL if self._pool else self.base_url}  # which pool server answered: not in the key
         if kind == "choose":
             # `reader`: how choices are read (prefill, where the label is found); a change makes the
             # choices of earlier versions, unreadable ones among them, misses instead of answers
@@ -336,6 +377,8 @@ class ApiLabeler:
         if self._http is not None:
             self._run(self._http.close())
             self._http = None
+            if self._pool:
+                self._pool.unbind()
         self._loop.close()
         self._loop = None
 
@@ -405,6 +448,13 @@ class ApiLabeler:
 
         if self._http is None:  # made once (it costs tens of ms) and kept with the loop
             self._http = self._client()
+            if self._pool:  # pool hook: one client per server, sharing the connection pool
+                self._pool.bind(lambda url: self._http.with_options(base_url=url))
+            if self._batch_api:  # batch hook: requests are queued into batches instead of sent
+                from cai.labelers.batch import BatchTransport
+
+                self._http = BatchTransport(self._http, self.backend, Path(self._batch_folder),
+                                            self._batch_poll_seconds, self.usage)
         client = self._http
         try:
             # Twice as many workers as slots, so that items sleeping in backoff leave none idle.
@@ -497,10 +547,12 @@ class ApiLabeler:
                 if self._tpm:
                     await self._tpm.acquire(input_est + output_est)
                 self._admit(cost_est)
+                server = await self._pool_acquire()  # pool hook: None without a pool
                 try:
-                    reply = await _within(self.timeout, self._send(
-                        client, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                        top_logprobs=top_logprobs, prefill=prefill, prefill_way=prefill_way))
+                    reply = await _within(None if self._batch_api else self.timeout, self._send(
+                        server.client if server else client, messages, max_tokens=max_tokens,
+                        temperature=temperature, top_p=top_p, top_logprobs=top_logprobs, prefill=prefill,
+                        prefill_way=prefill_way))
                     error = None
                 except asyncio.TimeoutError:
                     error, status, retry_after = f"timed out after {self.timeout:g} s", None, None
@@ -510,6 +562,7 @@ class ApiLabeler:
                     retry_after = self._retry_after(exc)
                 finally:
                     self._reserved_cost -= cost_est
+            failover = server is not None and self._pool_release(server, error, status if error else None)
             if error is None:
                 self.usage.input_tokens += reply.input_tokens
                 self.usage.output_tokens += reply.output_tokens
@@ -527,8 +580,26 @@ class ApiLabeler:
                 raise _ItemFailed(error, status)  # a bad request stays bad
             if attempt < self.max_tries:
                 self.usage.retries += 1
-                await asyncio.sleep(self._backoff(attempt, retry_after))
+                if not failover:  # a pool server's fault is retried on another server at once
+                    await asyncio.sleep(self._backoff(attempt, retry_after))
         raise _ItemFailed(f"gave up after {self.max_tries} tries: {last_error}")
+
+    # -- server pool hooks (pool.py) -----------------------------------------------------------
+
+    async def _pool_acquire(self):
+        if self._pool is None:
+            return None
+        try:
+            return await self._pool.acquire()
+        except CaiError as err:
+            self._fatal = CaiError(self._scrub(str(err)))
+            raise _Stop from None
+
+    def _pool_release(self, server, error: str | None, status: int | None) -> bool:
+        failover = self._pool.release(server, error, status)
+        if error is None:
+            self.usage.extra["server_requests"] = self._pool.answered()
+        return failover
 
     def _count_parse_retry(self) -> None:
         self.usage.extra["parse_retries"] = self.usage.extra.get("parse_retries", 0) + 1

@@ -44,6 +44,9 @@ class LocalGenerator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def close(self) -> None:
+        """Nothing to release (the weights go with the generator); the policy samplers' common protocol."""
+
     def _with_system(self, messages: list[Message]) -> list[Message]:
         if self.system_prompt and (not messages or messages[0]["role"] != "system"):
             return [{"role": "system", "content": self.system_prompt}, *messages]

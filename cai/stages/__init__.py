@@ -27,6 +27,7 @@ from pathlib import Path
 
 from cai.config import Config, config_hash, to_yaml
 from cai.constitution import constitution_sha256
+from cai.labelers import batch
 from cai.errors import CaiError
 from cai.records import (
     DONE,
@@ -57,10 +58,12 @@ STAGE_TEMPLATES = {
 }
 # Keys that change speed or limits, not results.
 OPERATIONAL_KEYS = {
-    "policy": {"batch_size"},
+    "policy": {"batch_size", "base_url", "served_model", "concurrency", "api_key_env"},
     "labeler": {
         "batch_size", "concurrency", "requests_per_minute", "tokens_per_minute", "timeout",
         "max_tries", "max_requests", "max_cost", "prices", "cache",
+        "server_concurrency", "server_failures", "server_bench_seconds",
+        "batch_api", "batch_poll_seconds", "batch_discount",
     },
     "sft": {"activation_checkpointing"},
     "rm": {"activation_checkpointing"},
@@ -80,6 +83,8 @@ def fingerprint_parts(cfg: Config, stage: str) -> dict:
             value = dumped.get(section)
             if isinstance(value, dict):
                 value = {k: v for k, v in value.items() if k not in OPERATIONAL_KEYS.get(section, ())}
+                if section == "labeler" and isinstance(value.get("base_url"), list):
+                    value["base_url"] = "pool"  # adding or removing a server of a pool changes no answer
             parts[section] = value
         templates += STAGE_TEMPLATES.get(name, ())
         if name == "rl" and cfg.rl.reward == "direct":  # the labeler scores each answer with score.jinja
@@ -223,6 +228,7 @@ def open_stage(cfg: Config, stage: str, force: bool = False, uses_labeler: bool 
             print(f"[{stage}] config changed since the last run: rerunning {stage} from scratch")
         shutil.rmtree(path)
     ensure_writable(path)
+    batch.stage_folder.set(path)  # where a labeler in batch mode writes its batch ids
     if resumed:
         print(f"[{stage}] resuming the unfinished run in {path}")
     atomic_write_text(path / FINGERPRINT, fingerprint + "\n")

@@ -25,7 +25,6 @@ from cai.config import Config
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.labelers import GenerateRequest, build_labeler
-from cai.labelers.local import LocalGenerator
 from cai.preferences import (
     PairItem,
     check_labeler_reads,
@@ -107,10 +106,9 @@ def run(cfg: Config) -> Path:
     sampled = {s["id"]: s for s in read_jsonl(samples_path, repair=True)}
     todo = [p for p in prompts if p.id not in sampled]
     if todo:
-        from cai.models import load_model_and_tokenizer
+        from cai.policy_server import open_policy
 
-        model, tokenizer = load_model_and_tokenizer(str(sft_dir), cfg, {})
-        policy = LocalGenerator(model, tokenizer, cfg.policy.batch_size, cfg.seed, cfg.policy.system_prompt)
+        policy = open_policy(cfg, str(sft_dir))  # in this process, or on policy.base_url
         k = cfg.prefs.samples_per_prompt
         sampling = dict(
             max_new_tokens=cfg.prefs.max_new_tokens or cfg.policy.max_new_tokens,
@@ -141,7 +139,8 @@ def run(cfg: Config) -> Path:
                     }
                     writer.write(record)
                     sampled[p.id] = record
-        del model, policy
+        policy.close()
+        del policy
 
     # 3. Pairs of distinct, non-empty answers.
     pairs, skipped = [], {"empty_answer": 0, "identical_answers": 0}

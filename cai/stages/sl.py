@@ -22,7 +22,7 @@ from cai.config import Config
 from cai.constitution import Constitution, load_constitution
 from cai.errors import CaiError
 from cai.labelers import GenerateRequest, Labeler, build_labeler
-from cai.labelers.local import LocalGenerator
+from cai.policy_server import check_policy, open_policy
 from cai.promptsets import Prompt, split_prompts
 from cai.records import JsonlWriter, atomic_write_json, read_jsonl, record_labeler_usage, save_dataset
 from cai.stages import open_stage
@@ -146,7 +146,7 @@ def run(cfg: Config) -> Path:
     check_templates(constitution, templates, cfg)
     from cai.models import resolve_model
 
-    resolve_model(cfg.policy.model, cfg.cache_dir)
+    check_policy(cfg, cfg.policy.model)  # its weights here, or a server at policy.base_url serving it
     if cfg.labeler.backend == "local":
         resolve_model(cfg.labeler.model, cfg.cache_dir)
 
@@ -157,14 +157,11 @@ def run(cfg: Config) -> Path:
     done_ids = {r["id"] for r in read_jsonl(records_path, repair=True)}
     todo = [p for p in red_team + helpful if p.id not in done_ids]
 
-    # 2. Policy and labeler.
-    from cai.models import load_model_and_tokenizer
-
+    # 2. Policy (in this process or on policy.base_url) and labeler.
     shared: dict = {}
-    labeler = None
+    labeler = policy = None
     if todo:
-        model, tokenizer = load_model_and_tokenizer(cfg.policy.model, cfg, shared)
-        policy = LocalGenerator(model, tokenizer, cfg.policy.batch_size, cfg.seed, cfg.policy.system_prompt)
+        policy = open_policy(cfg, cfg.policy.model, shared)
         if any(p.kind == "red_team" for p in todo):
             labeler = build_labeler(cfg, shared_models=shared)
     answer_sampling = dict(max_new_tokens=cfg.policy.max_new_tokens, temperature=cfg.policy.temperature, top_p=cfg.policy.top_p)
@@ -212,6 +209,8 @@ def run(cfg: Config) -> Path:
         if labeler is not None:
             record_labeler_usage(stage.path, labeler)
             labeler.close()
+        if policy is not None:
+            policy.close()
 
     # 5. The SL-CAI dataset: every prompt with a non-empty final answer.
     import datasets
