@@ -91,10 +91,13 @@ def test_no_server_at_policy_base_url_is_one_line(tiny_config):
 
 
 def test_prefs_samples_the_sft_model_on_the_server(tiny_config, server, monkeypatch):
+    from cai.records import mark_done
+    from cai.stages import stage_fingerprint
+
     cfg = tiny_config("data.limit=10")
     sft_dir = Path(cfg.output_dir) / "sft"
     sft_dir.mkdir(parents=True)
-    (sft_dir / "DONE").write_text("")  # the folder vLLM would be serving
+    mark_done(sft_dir, stage_fingerprint(cfg, "sft"))  # the folder vLLM would be serving, made under cfg
     counter = itertools.count()
     with FakeLLMServer() as second:  # a pool of two servers of the sft model
         for srv in (server, second):

@@ -42,7 +42,8 @@ class OpenAILabeler(ApiLabeler):
 
     def __init__(self, model: str, **kwargs):
         base_url = kwargs.get("base_url")
-        if base_url is None or urlsplit(base_url).hostname in self.hosted_hosts:
+        urls = base_url if isinstance(base_url, (list, tuple)) else [base_url]  # a list is a pool of servers
+        if any(url is None or urlsplit(url).hostname in self.hosted_hosts for url in urls):
             self.prefill_ways = ()  # the hosted API has neither way for its chat models
         super().__init__(model, **kwargs)
         self._template = _UNSET  # "server", a tokenizer with a chat template, or None
