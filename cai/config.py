@@ -40,8 +40,10 @@ class PolicyConfig(Section):
 
 
 class LabelerConfig(Section):
-    backend: Literal["local", "openai", "anthropic"] = Field(
-        "local", description="Who gives the AI feedback: a local transformers model or an API."
+    backend: Literal["local", "openai", "anthropic", "rules"] = Field(
+        "local",
+        description="Who gives the AI feedback: a local transformers model, an API, or rules (choices from the "
+        "constitution's checks, exactly; writes no text).",
     )
     model: str = Field(
         "smollm2-135m-instruct",
@@ -80,6 +82,16 @@ class LabelerConfig(Section):
         description="USD per million (input, output) tokens, by model name, for cost accounting.",
     )
     cache: bool = Field(True, description="Keep every labeler answer in the on-disk cache.")
+    # The rules backend as a simulated fallible labeler (cai/labelers/rules.py).
+    simulated_accuracy: float = Field(
+        1.0, ge=0.0, le=1.0, description="rules: share of (unbiased) choices that agree with the checks; the rest pick the other option."
+    )
+    simulated_position_bias: float = Field(
+        0.0, ge=0.0, le=1.0, description="rules: share of choices that pick the first option whatever it says."
+    )
+    simulated_soft_labels: bool = Field(
+        False, description="rules: give the picked option probability simulated_accuracy instead of 1."
+    )
 
 
 class DataConfig(Section):
@@ -281,6 +293,14 @@ class EvalConfig(Section):
     audit_pairs: int = Field(
         0, ge=0, description="Audit the labeler on this many gold HHH pairs (seeded) if no audit exists; 0 = show an existing one."
     )
+    judge: LabelerConfig | None = Field(
+        None,
+        description="The evaluation judge, a whole labeler config (e.g. eval.judge.backend=rules); None = the training "
+        "labeler (choice_labeler, else labeler), which makes the evaluation circular.",
+    )
+    agreement_audit: bool = Field(
+        True, description="With an independent judge: ask the training labeler the eval pairs too, and report per principle how often it agrees."
+    )
 
 
 class Config(Section):
@@ -295,6 +315,11 @@ class Config(Section):
     )
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     labeler: LabelerConfig = Field(default_factory=LabelerConfig)
+    choice_labeler: LabelerConfig | None = Field(
+        None,
+        description="The labeler for choices (preference labels, d-RLAIF scores), e.g. choice_labeler.backend=rules; "
+        "None = labeler, which then also writes critiques and revisions.",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     sl: SLConfig = Field(default_factory=SLConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)

@@ -38,7 +38,7 @@ STAGES = ("sl", "sft", "prefs", "rm", "rl", "eval")
 STAGE_SECTIONS = {
     "sl": ("seed", "constitution", "policy", "labeler", "data", "sl"),
     "sft": ("sft",),
-    "prefs": ("prefs",),
+    "prefs": ("choice_labeler", "prefs"),
     "rm": ("rm",),
     "rl": ("rl",),
     "eval": ("eval",),
@@ -58,6 +58,7 @@ OPERATIONAL_KEYS = {
     "sft": {"activation_checkpointing"},
     "rm": {"activation_checkpointing"},
 }
+OPERATIONAL_KEYS["choice_labeler"] = OPERATIONAL_KEYS["labeler"]
 
 
 def stage_fingerprint(cfg: Config, stage: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from cai.config import Config
 from cai.constitution import Constitution, load_constitution
 from cai.errors import CaiError
-from cai.labelers import GenerateRequest, Labeler, build_labeler
+from cai.labelers import GenerateRequest, Labeler, build_labeler, require_writer
 from cai.labelers.local import LocalGenerator
 from cai.promptsets import Prompt, split_prompts
 from cai.records import JsonlWriter, atomic_write_json, read_jsonl, record_labeler_usage, save_dataset
@@ -137,6 +137,7 @@ def run(cfg: Config) -> Path:
     from cai.models import resolve_model
 
     resolve_model(cfg.policy.model, cfg.cache_dir)
+    require_writer(cfg, "text", "critiques and revisions")
     if cfg.labeler.backend == "local":
         resolve_model(cfg.labeler.model, cfg.cache_dir)
 
