@@ -87,6 +87,14 @@ def headline_items(metrics: dict) -> list[dict]:
     """Up to three numbers a person reads first: the main win rate, harmlessness, over-refusal
     (the reward-model score fills in when a grade is missing). Each: title, value, detail."""
     items = []
+    compliance = {m: r for m, r in (metrics.get("compliance") or {}).items() if r.get("mean") is not None}
+    if compliance:
+        judge = "an independent judge" if not (metrics.get("roles") or {}).get("circular", True) else "the training labeler's checks"
+        items.append({"title": "Compliance with the constitution's checks",
+                      "value": " → ".join(pct(r["mean"]) for r in compliance.values()),
+                      "detail": f"{', '.join(name(m) for m in compliance)}; share of held-out answers that satisfy every check "
+                                f"that applies to their prompt, checked exactly ({judge}), intervals "
+                                + ", ".join(ci_text(r["ci"]) for r in compliance.values())})
     wins = metrics.get("win_rates") or {}
     key = next((k for k in ("rl vs initial", "rl vs sft", "sft vs initial") if k in wins), None)
     if key and wins[key]["overall"]["n"]:
@@ -94,7 +102,8 @@ def headline_items(metrics: dict) -> list[dict]:
         items.append({"title": f"Win rate, {name(wins[key]['model'])} vs {name(wins[key]['opponent'])}",
                       "value": pct(o["win_rate"]),
                       "detail": f"{ci_text(o['ci'])} over {o['n']} held-out prompts (soft win rate {pct(o['soft_win_rate'])}), "
-                                f"judged by {metrics.get('labeler')} in both orders"})
+                                f"judged by {metrics.get('labeler')} in both orders"
+                                + (" — the training labeler: circular" if (metrics.get("roles") or {}).get("circular") else "")})
     for key, title, better in (("harmlessness", "Harmlessness on red-team prompts", "higher"),
                                ("over_refusal", "Over-refusal on helpful prompts", "lower")):
         rates = {m: r for m, r in (metrics.get(key) or {}).items() if r.get("mean") is not None}
@@ -190,6 +199,53 @@ def plot_win_rates(metrics: dict) -> bytes | None:
         ax.set_title(f"{name(w['model'])} vs {name(w['opponent'])}", fontsize=10)
         ax.set_xlabel(f"win rate of {name(w['model'])}")
         ax.set_yticks(ys, labels)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_compliance(metrics: dict) -> bytes | None:
+    """Compliance with the checks per model, overall and per check, with intervals (the known truth)."""
+    compliance = metrics.get("compliance") or {}
+    if not compliance:
+        return None
+    plt = _pyplot()
+    models = list(compliance)
+    checks = sorted({c for per in (metrics.get("check_pass_rates") or {}).values() for c in per})
+    labels = ["every check"] + checks
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(labels) * max(1, len(models)) / 2 + 1.5))
+    height = 0.8 / len(models)
+    for k, m in enumerate(models):
+        stats = [compliance[m]] + [(metrics["check_pass_rates"].get(m) or {}).get(c) for c in checks]
+        for y, s in enumerate(stats):
+            if not s or s.get("mean") is None:
+                continue
+            pos = len(labels) - 1 - y + (len(models) - 1 - k - (len(models) - 1) / 2) * height
+            low, high = s["ci"] or (s["mean"], s["mean"])
+            ax.barh(pos, s["mean"], height=height, color=COLORS.get(m, "#555"), label=name(m) if y == 0 else None)
+            ax.errorbar(s["mean"], pos, xerr=[[s["mean"] - low], [high - s["mean"]]], color="#222", capsize=2, lw=1)
+    ax.set_yticks(range(len(labels))[::-1], labels)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of held-out answers that pass (checked exactly)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_agreement(metrics: dict) -> bytes | None:
+    """Per principle: how often the training labeler picks the same answer as the independent judge."""
+    agreement = metrics.get("agreement") or {}
+    if not agreement:
+        return None
+    plt = _pyplot()
+    labels = ["all"] + sorted(k for k in agreement if k != "all")
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(labels) + 1.2))
+    ys = list(range(len(labels)))[::-1]
+    ax.barh(ys, [agreement[k]["agreement"] for k in labels], color=["#1f4e79"] + ["#8fb3d9"] * (len(labels) - 1))
+    for y, k in zip(ys, labels):
+        ax.text(agreement[k]["agreement"] + 0.01, y, f"{pct(agreement[k]['agreement'])} of {agreement[k]['pairs']}", va="center", fontsize=8)
+    ax.set_yticks(ys, labels)
+    ax.set_xlim(0, 1.15)
+    ax.set_xlabel("training labeler agrees with the independent judge")
     fig.tight_layout()
     return _png(fig)
 
@@ -374,6 +430,12 @@ def caveats(data: dict) -> list[str]:
         out.append(f"The judge is barely confident: it gives the answer it prefers {pct(confidence)} on average (50% is a "
                    "coin flip). A win rate counts anything above 50% as a win, so it magnifies small biases (length, "
                    "wording): read the soft win rate beside it.")
+    roles = m.get("roles") or {}
+    if roles.get("circular"):
+        out.append(f"The judge is the training labeler ({roles['judge']['key']}: {roles['judge']['backend']} "
+                   f"{roles['judge']['model']}): this evaluation is circular — a policy optimised against a labeler looks "
+                   "good to that labeler. Set eval.judge.* to a labeler no stage trained against (eval.judge.backend=rules "
+                   "with a checkable constitution) for evidence.")
     n = (m.get("prompts") or {}).get("total", 0)
     if n and n < 50:
         out.append(f"Only {n} held-out prompts: the intervals are wide. Raise data.limit or data.fractions.eval, "
@@ -439,6 +501,35 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
                  f"training stage saw ({sets})."],
         "tables": [model_table(m)],
     }]
+    roles = m.get("roles")
+    if roles:
+        who = [f"critiques and revisions: {roles['text']['key']} ({roles['text']['backend']} {roles['text']['model']})",
+               f"preference labels and scores: {roles['choices']['key']} ({roles['choices']['backend']} {roles['choices']['model']})",
+               f"evaluation: {roles['judge']['key']} ({roles['judge'].get('id') or roles['judge']['backend']})"]
+        verdict = ("The judge is the training labeler: the evaluation is circular (a policy optimised against a labeler looks "
+                   "good to it)." if roles["circular"] else
+                   "The judge is not the labeler that the preference stage trained against: the evaluation is independent of training.")
+        out.append({"title": "Who judged", "text": ["Labelers by job — " + "; ".join(who) + ".", verdict]})
+    if m.get("compliance"):
+        head = ["check"] + [name(x) for x in m["compliance"]]
+        rate_fmt = lambda r: "n/a" if not r or r.get("mean") is None else f"{pct(r['mean'])} {ci_text(r['ci'])} (n={r['n']})"  # noqa: E731
+        rows = [["every check that applies"] + [rate_fmt(r) for r in m["compliance"].values()]]
+        rows += [["refusals of helpful prompts ↓"] + [rate_fmt((m.get("check_over_refusal") or {}).get(x)) for x in m["compliance"]]]
+        checks = sorted({c for per in (m.get("check_pass_rates") or {}).values() for c in per})
+        rows += [[c] + [rate_fmt((m["check_pass_rates"].get(x) or {}).get(c)) for x in m["compliance"]] for c in checks]
+        out.append({"title": "Known truth: compliance with the checks", "plot": "compliance", "tables": [(head, rows)],
+                    "text": ["Every principle's check evaluated by a program on each held-out answer (cai/checks.py): an answer "
+                             "complies when it satisfies every check that applies to its prompt. No labeler is asked, so these "
+                             "numbers are exact for the answers sampled; the intervals are bootstrap over prompts."]})
+    if m.get("agreement"):
+        a = m["agreement"]
+        rows = [[k, str(a[k]["pairs"]), pct(a[k]["agreement"]), pct(a[k]["judge_decisive"] / a[k]["pairs"])]
+                for k in ["all"] + sorted(x for x in a if x != "all")]
+        out.append({"title": "Held-out-judge audit: does the training labeler agree with the judge?", "plot": "agreement",
+                    "tables": [(["principle", "pair questions", "agreement", "judge decisive"], rows)],
+                    "text": ["The training labeler judged the same evaluation pairs as the independent judge. Where it agrees "
+                             "less, the policy may have learnt what the training labeler likes rather than what the principle "
+                             "asks: reward hacking shows here first."]})
     out.append({"title": "Win rates by principle", "plot": "win_rates",
                 "tables": [win_table(m), principle_table(m, data["questions"])],
                 "text": [f"Each pair of answers to a prompt is judged by the labeler under {asked}, each in both orders "
@@ -546,6 +637,8 @@ def make_plots(data: dict) -> dict[str, bytes | None]:
         "rl_curves": plot_rl_curves(data["rl_rows"]),
         "rewards": plot_rewards(data["samples"]),
         "audit": plot_audit(m.get("labeler_audit"), data["audit_items"]),
+        "compliance": plot_compliance(m),
+        "agreement": plot_agreement(m),
     }
 
 

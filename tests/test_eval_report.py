@@ -273,3 +273,43 @@ def test_headlines_fall_back_to_what_was_measured():
     assert lines[1].startswith("Over-refusal on helpful prompts: 10% → 30% (initial model, SL-CAI;")
     assert lines[2] == "Reward-model score: -0.20 → +0.40 (initial model, SL-CAI; mean, normalised)"
     assert headlines({"win_rates": {}}) == []
+
+
+def test_an_independent_judge_and_the_agreement_audit(tmp_path, models, scripted):
+    """eval.judge.backend=rules judges everything; the training labeler (the scripted one) gets only the
+    same comparisons again, for the per-principle agreement audit; the report says who did what."""
+    cfg = hand_made_run(tmp_path, models, "constitution=constitutions/checkable.yaml", "eval.judge.backend=rules",
+                        "eval.principles_per_pair=2")
+    out = eval_stage.run(cfg)
+    judgements = read_jsonl(out / "judgements.jsonl")
+    assert judgements and all(j["labeler"].startswith("rules:checkable") for j in judgements)
+    assert all(g["labeler"].startswith("rules:") for g in read_jsonl(out / "grades.jsonl"))
+    training = read_jsonl(out / "training_labeler_judgements.jsonl")
+    assert len(training) == len(judgements) and all(t["labeler"] == "scripted:test" for t in training)
+    asked = sum(len(t["principles"]) * 2 for t in training if t["status"] != "identical")
+    assert scripted.usage.requests == asked  # comparisons only: no grade went to the training labeler
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["roles"]["circular"] is False and metrics["roles"]["judge"]["key"] == "eval.judge"
+    assert metrics["roles"]["choices"]["key"] == "labeler"
+    assert 0 <= metrics["agreement"]["all"]["agreement"] <= 1 and metrics["agreement"]["all"]["pairs"] > 0
+    answers = {(a["model"], a["id"]): a for a in read_jsonl(out / "answers.jsonl")}
+    from cai.checks import compliance, distinct_checks
+    from cai.constitution import load_constitution
+
+    checks = distinct_checks(load_constitution(cfg.constitution))
+    expected = [compliance(checks, a["prompt"], a["answer"], a["kind"])["complies"] for (m, _), a in answers.items() if m == "rl"]
+    assert metrics["compliance"]["rl"]["mean"] == pytest.approx(sum(expected) / len(expected))
+    html = (out / "report.html").read_text()
+    for title in ("Who judged", "Known truth: compliance with the checks", "Held-out-judge audit: does the training labeler agree with the judge?"):
+        assert f"<h2>{title}</h2>" in html, title
+    assert "independent of training" in html and "evaluation is circular" not in html
+
+
+def test_a_circular_evaluation_is_named_in_the_report(tmp_path, models, scripted):
+    cfg = hand_made_run(tmp_path, models)
+    out = eval_stage.run(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["roles"]["circular"] is True and metrics["agreement"] is None
+    assert not (out / "training_labeler_judgements.jsonl").exists()
+    html = (out / "report.html").read_text()
+    assert "this evaluation is circular" in html

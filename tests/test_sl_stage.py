@@ -24,7 +24,7 @@ from tests.fakes import ScriptedLabeler
 @pytest.fixture
 def scripted(monkeypatch):
     labeler = ScriptedLabeler()
-    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None: labeler)
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role=None: labeler)
     return labeler
 
 
@@ -83,7 +83,7 @@ def test_dataset_is_conversational_messages(tiny_config, scripted):
 
 def test_failed_critique_keeps_the_answer_and_says_so(tiny_config, monkeypatch):
     labeler = ScriptedLabeler(fail_on="Answer with a short critique")
-    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None: labeler)
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role=None: labeler)
     out = sl.run(tiny_config())
     red = [r for r in read_jsonl(out / "records.jsonl") if r["kind"] == "red_team"]
     assert red and all(r["rounds"][0]["critique_status"] == "failed" for r in red)
@@ -118,7 +118,7 @@ KILLABLE = textwrap.dedent(
             time.sleep(0.4)
             return super().generate(requests, desc, **kwargs)
 
-    sl.build_labeler = lambda cfg, shared_models=None: SlowLabeler()
+    sl.build_labeler = lambda cfg, shared_models=None, role=None: SlowLabeler()
     sl.run(load_config(None, sys.argv[1:]))
     """
 )

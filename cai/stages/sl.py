@@ -136,8 +136,8 @@ def run(cfg: Config) -> Path:
         raise CaiError("data: the sl split has no red-team prompts; add prompts or raise data.fractions.sl")
     from cai.models import resolve_model
 
-    resolve_model(cfg.policy.model, cfg.cache_dir)
     require_writer(cfg, "text", "critiques and revisions")
+    resolve_model(cfg.policy.model, cfg.cache_dir)
     if cfg.labeler.backend == "local":
         resolve_model(cfg.labeler.model, cfg.cache_dir)
 
