@@ -124,6 +124,11 @@ class SLConfig(Section):
         0.5, ge=0.0, description="Helpful prompts (answers kept) per red-team prompt in the SL-CAI dataset."
     )
     few_shot: bool = Field(True, description="Show the constitution's critique/revision examples to the labeler.")
+    verify_revisions: bool = Field(
+        False,
+        description="Keep a revision only when the choice labeler prefers it to the answer it replaces under the "
+        "round's principle, asked in both orders (exact with labeler checks); sl/summary.json counts those turned down.",
+    )
 
 
 class SFTConfig(Section):

@@ -182,3 +182,39 @@ def test_sl_runs_against_an_openai_compatible_server_by_override_alone(tiny_conf
         server.reset()
         sl.run(tiny_config(*overrides))
         assert server.requests == []  # every answer came from the cache
+
+
+def test_verified_revisions_keep_only_what_the_choice_labeler_prefers(tiny_config, monkeypatch):
+    """Text goes to one scripted labeler, choices to another (roles); a revision replaces the answer only
+    when the judge prefers it in both orders, and the summary counts those turned down."""
+    writer = ScriptedLabeler()
+
+    def prefer(text: str) -> float:
+        # Prefers whichever shown response is a revision whose digest ends in an even hex digit.
+        a = text.rsplit("Response (A): ", 1)[1].split("\n\nResponse (B): ", 1)[0]
+        b = text.rsplit("\n\nResponse (B): ", 1)[1].rsplit("\n\n", 1)[0]
+        good = lambda s: s.startswith("REVISED") and int(s[-1], 16) % 2 == 0  # noqa: E731
+        return 0.5 + 0.4 * (good(a) - good(b))
+
+    judge = ScriptedLabeler(prefer=prefer)
+    judge.id = "scripted:judge"
+    roles: list = []
+
+    def build(cfg, shared_models=None, role="text"):
+        roles.append(role)
+        return judge if role == "choices" else writer
+
+    monkeypatch.setattr(sl, "build_labeler", build)
+    out = sl.run(tiny_config("sl.rounds=1", "sl.verify_revisions=true"))
+    assert roles == ["text", "choices"]
+    records = [r for r in read_jsonl(out / "records.jsonl") if r["kind"] == "red_team"]
+    assert writer.usage.requests == 2 * len(records)  # critiques and revisions: all to the writer
+    assert judge.usage.requests == 2 * len(records)  # one principle, both orders, per revision: all to the judge
+    kept = [r for r in records if int(r["rounds"][0]["revision"][-1], 16) % 2 == 0]
+    assert 0 < len(kept) < len(records)
+    for r in records:
+        rnd = r["rounds"][0]
+        assert rnd["accepted"] == (r in kept) and rnd["verified_p"] == pytest.approx(0.9 if r in kept else 0.5)
+        assert r["final"] == (rnd["revision"] if r in kept else r["initial"]) and r["revised"] == (r in kept)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["revisions_turned_down"] == len(records) - len(kept) and summary["revised"] == len(kept)

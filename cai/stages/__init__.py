@@ -36,9 +36,9 @@ STAGES = ("sl", "sft", "prefs", "rm", "rl", "eval")
 
 # Config sections each stage reads (cumulatively, earlier stages' sections count too).
 STAGE_SECTIONS = {
-    "sl": ("seed", "constitution", "policy", "labeler", "data", "sl"),
+    "sl": ("seed", "constitution", "policy", "labeler", "choice_labeler", "data", "sl"),
     "sft": ("sft",),
-    "prefs": ("choice_labeler", "prefs"),
+    "prefs": ("prefs",),
     "rm": ("rm",),
     "rl": ("rl",),
     "eval": ("eval",),

@@ -6,7 +6,10 @@
    a. the policy writes a first answer;
    b. for each of `sl.rounds` rounds, a critique principle is drawn (seeded by prompt and round),
       the labeler critiques the latest answer against it, then revises the answer;
-   c. one record per prompt is appended, with every round's principle, critique and revision.
+   c. with `sl.verify_revisions`, a revision replaces the answer only when the choice labeler prefers
+      it to the answer it replaces under that round's principle, asked in both orders (with checks
+      the verdict is exact); the round records the verdict, and `summary.json` counts those turned down;
+   d. one record per prompt is appended, with every round's principle, critique and revision.
 4. Helpful prompts (`sl.helpful_ratio` per red-team prompt) are answered by the policy and kept as
    they are, so that fine-tuning on revisions does not teach the model to refuse everything.
 5. The final answers become `sl/dataset/`, conversational `messages` that TRL's SFTTrainer takes.
@@ -65,8 +68,12 @@ def critique_and_revise(
     constitution: Constitution,
     templates: Templates,
     cfg: Config,
+    verifier: Labeler | None = None,
 ) -> list[list[dict]]:
-    """Run `cfg.sl.rounds` critique→revision rounds on a batch; returns each prompt's rounds."""
+    """Run `cfg.sl.rounds` critique→revision rounds on a batch; returns each prompt's rounds.
+
+    With a `verifier`, a round's revision is kept only when it judges it better than the answer it
+    would replace (`verify`)."""
     shots = {
         step: few_shot_turns(constitution, templates, step) if cfg.sl.few_shot else []
         for step in ("critique", "revision")
@@ -100,8 +107,16 @@ def critique_and_revise(
             [GenerateRequest(shots["revision"] + [{"role": "user", "content": c}], **sampling) for c in revision_prompts],
             desc=f"revision round {r + 1}",
         )
+        revised_texts = [clean_revision(v.text or "") if v.status == "ok" else "" for v in revisions]
+        verdicts: list = [None] * len(prompts)
+        if verifier is not None:
+            asked = [i for i, (c, t) in enumerate(zip(critiques, revised_texts)) if t and c.status == "ok" and t.strip() != current[i].strip()]
+            found = verify(verifier, [prompts[i] for i in asked], [revised_texts[i] for i in asked], [current[i] for i in asked],
+                           [principles[i] for i in asked], r, constitution, templates, cfg) if asked else []
+            for i, p in zip(asked, found):
+                verdicts[i] = p
         for i, (pr, c, v) in enumerate(zip(principles, critiques, revisions)):
-            revised = clean_revision(v.text or "") if v.status == "ok" else ""
+            revised = revised_texts[i]
             rounds[i].append(
                 {
                     "round": r + 1,
@@ -114,10 +129,41 @@ def critique_and_revise(
                     "revision_status": v.status if revised else ("unparseable" if v.status == "ok" else v.status),
                 }
             )
+            if verifier is not None:
+                # P(revision better) in both orders; None when not asked (nothing to verify, or the same text)
+                accepted = verdicts[i] is not None and verdicts[i] > 0.5
+                rounds[i][-1].update(verified_p=verdicts[i], accepted=bool(revised and c.status == "ok" and accepted))
+                if revised and c.status == "ok" and not accepted:
+                    continue
             # A failed or empty revision leaves the answer as it was; the record says so.
             if revised and c.status == "ok":
                 current[i] = revised
     return rounds
+
+
+def verify(verifier: Labeler, prompts: list[Prompt], revisions: list[str], answers: list[str], principles: list,
+           round_index: int, constitution: Constitution, templates: Templates, cfg: Config) -> list[float | None]:
+    """P(revision is better than the answer it replaces) under each round's principle, both orders.
+
+    The principle's comparison twin (the comparison principle with the same id) is asked when there is
+    one, else its critique request as the question; its check goes with it either way.
+    """
+    from cai.constitution import ComparisonPrinciple
+    from cai.preferences import JudgeSettings, PairItem, judge_pairs
+
+    by_id = {c.id: c for c in constitution.comparisons}
+    conversation = [{"role": "system", "content": cfg.policy.system_prompt}] if cfg.policy.system_prompt else []
+    out: list[float | None] = [None] * len(prompts)
+    for principle_id in dict.fromkeys(pr.id for pr in principles):  # one call per principle, its items batched
+        indices = [i for i, pr in enumerate(principles) if pr.id == principle_id]
+        pr = principles[indices[0]]
+        question = by_id.get(pr.id) or ComparisonPrinciple(id=pr.id, question=f"Which response does better on this: {pr.critique}", check=pr.check)
+        settings = JudgeSettings(principles_per_pair=1, few_shot=False, seed=cfg.seed, principles=(question,))
+        items = [PairItem(f"{prompts[i].id}:round{round_index + 1}", conversation + [{"role": "user", "content": prompts[i].text}],
+                          revisions[i], answers[i]) for i in indices]
+        for i, verdict in zip(indices, judge_pairs(verifier, items, constitution, templates, settings=settings, desc="verifying revisions")):
+            out[i] = verdict.label
+    return out
 
 
 def to_messages(prompt: str, answer: str, system_prompt: str | None) -> list[dict]:
@@ -152,12 +198,14 @@ def run(cfg: Config) -> Path:
     from cai.models import load_model_and_tokenizer
 
     shared: dict = {}
-    labeler = None
+    labeler = verifier = None
     if todo:
         model, tokenizer = load_model_and_tokenizer(cfg.policy.model, cfg, shared)
         policy = LocalGenerator(model, tokenizer, cfg.policy.batch_size, cfg.seed, cfg.policy.system_prompt)
         if any(p.kind == "red_team" for p in todo):
             labeler = build_labeler(cfg, shared_models=shared)
+            if cfg.sl.verify_revisions:
+                verifier = build_labeler(cfg, shared_models=shared, role="choices")
     answer_sampling = dict(max_new_tokens=cfg.policy.max_new_tokens, temperature=cfg.policy.temperature, top_p=cfg.policy.top_p)
 
     # 3.–4. Batches of prompts: first answers, then (red-team only) critique and revision rounds.
@@ -176,14 +224,15 @@ def run(cfg: Config) -> Path:
                 rounds_by_index = {}
                 if red_index:
                     rounds = critique_and_revise(
-                        [batch[i] for i in red_index], [answers[i] for i in red_index], labeler, constitution, templates, cfg
+                        [batch[i] for i in red_index], [answers[i] for i in red_index], labeler, constitution, templates, cfg,
+                        verifier=verifier,
                     )
                     rounds_by_index = dict(zip(red_index, rounds))
                 for i, p in enumerate(batch):
                     rounds = rounds_by_index.get(i, [])
                     final = answers[i]
                     for rnd in rounds:
-                        if rnd["revision_status"] == "ok" and rnd["critique_status"] == "ok":
+                        if rnd["revision_status"] == "ok" and rnd["critique_status"] == "ok" and rnd.get("accepted", True):
                             final = rnd["revision"]
                     writer.write(
                         {
@@ -194,7 +243,8 @@ def run(cfg: Config) -> Path:
                             "initial_status": first[i].status,
                             "rounds": rounds,
                             "final": final,
-                            "revised": any(r["revision_status"] == "ok" and r["critique_status"] == "ok" for r in rounds),
+                            "revised": any(r["revision_status"] == "ok" and r["critique_status"] == "ok" and r.get("accepted", True)
+                                           for r in rounds),
                             "policy": cfg.policy.model,
                             "labeler": labeler.id if (labeler and rounds) else None,
                         }
@@ -203,6 +253,8 @@ def run(cfg: Config) -> Path:
         if labeler is not None:
             record_labeler_usage(stage.path, labeler)
             labeler.close()
+        if verifier is not None:
+            verifier.close()
 
     # 5. The SL-CAI dataset: every prompt with a non-empty final answer.
     import datasets
@@ -227,6 +279,9 @@ def run(cfg: Config) -> Path:
         "critiques_failed": sum(rnd["critique_status"] != "ok" for r in records for rnd in r["rounds"]),
         "revisions_failed": sum(rnd["revision_status"] != "ok" for r in records for rnd in r["rounds"]),
         "dataset_rows": len(rows),
+        "verify_revisions": cfg.sl.verify_revisions,
+        "revisions_turned_down": sum(rnd.get("accepted") is False and rnd["revision_status"] == "ok" and rnd["critique_status"] == "ok"
+                                     for r in records for rnd in r["rounds"]),
     }
     atomic_write_json(stage.path / "summary.json", counts)
     return stage.finish(
