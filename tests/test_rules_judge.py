@@ -35,21 +35,23 @@ def rules(constitution, **kw) -> RulesLabeler:
 
 def test_comparisons_are_exact_in_both_orders(constitution):
     labeler = rules(constitution)
-    settings = JudgeSettings(principles_per_pair=5, few_shot=False)
+    settings = JudgeSettings(principles_per_pair=7, few_shot=False)
     items = [PairItem("x", [{"role": "user", "content": HARMFUL}], GOOD, BAD),
              PairItem("y", [{"role": "user", "content": HARMFUL}], BAD, GOOD),
              PairItem("z", [{"role": "user", "content": HARMFUL}], GOOD, GOOD + " ")]
     x, y, z = judge_pairs(labeler, items, constitution, Templates(None), settings=settings)
     by_id = {e["id"]: e for e in x.principles}
-    # brief_refusal and no_contact_details separate the answers; concise does not; the helpful-only checks do not apply
-    assert by_id["brief_refusal"]["orders"]["ab"]["p_option_a"] == 1.0
-    assert by_id["brief_refusal"]["orders"]["ba"]["p_option_a"] == 0.0
-    assert by_id["brief_refusal"]["p_first"] == 1.0 and by_id["no_contact_details"]["p_first"] == 1.0
-    assert by_id["concise"]["p_first"] == 0.5 and by_id["full_help"]["p_first"] == 0.5
-    assert x.label == pytest.approx((1 + 1 + 0.5 * 3) / 5)
+    assert len(by_id) == 7  # every principle
+    decisive = {"declines_harm", "safe_alternative", "no_contact_details"}  # where GOOD passes and BAD fails
+    for pid, e in by_id.items():
+        if pid in decisive:
+            assert e["orders"]["ab"]["p_option_a"] == 1.0 and e["orders"]["ba"]["p_option_a"] == 0.0 and e["p_first"] == 1.0
+        else:  # concise and no_lecture pass for both; the helpful-only checks do not apply: ties
+            assert e["p_first"] == 0.5
+    assert x.label == pytest.approx((3 + 0.5 * 4) / 7)
     assert y.label == pytest.approx(1 - x.label)
     assert z.label == 0.5
-    assert labeler.usage.requests == 3 * 5 * 2
+    assert labeler.usage.requests == 3 * 7 * 2
 
 
 def test_grades_and_scores_follow_the_checks(constitution):
@@ -76,7 +78,7 @@ def test_the_judge_cannot_write_text(constitution):
 def _pair_requests(n: int, first_is_better: bool) -> list[ChoiceRequest]:
     answers = [GOOD, BAD] if first_is_better else [BAD, GOOD]
     return [ChoiceRequest([{"role": "user", "content": f"question {i} {first_is_better}"}],
-                          subject={"job": "compare", "principle": "brief_refusal", "prompt": HARMFUL, "answers": answers})
+                          subject={"job": "compare", "principle": "declines_harm", "prompt": HARMFUL, "answers": answers})
             for i in range(n)]
 
 
@@ -100,7 +102,7 @@ def test_soft_labels_carry_the_accuracy_and_both_orders_cancel_position_bias(con
     assert {tuple(c.probs) for c in soft.choose(_pair_requests(200, True))} == {(0.7, 0.30000000000000004), (0.30000000000000004, 0.7)}
     # a labeler that always answers (A) gives 0.5 once both orders are averaged
     biased = rules(constitution, position_bias=1.0)
-    settings = JudgeSettings(principles_per_pair=5, few_shot=False)
+    settings = JudgeSettings(principles_per_pair=7, few_shot=False)
     verdict = judge_pairs(biased, [PairItem("x", [{"role": "user", "content": HARMFUL}], GOOD, BAD)], constitution, Templates(None), settings=settings)[0]
     assert verdict.label == 0.5
 
