@@ -254,6 +254,9 @@ class RLConfig(Section):
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
     checkpoint_every: int = Field(10, ge=1, description="Checkpoint every N steps; a killed run resumes from the last one.")
+    keep_snapshots: bool = Field(
+        False, description="PPO: keep the policy of every checkpoint (rl/snapshots/step-N) for the eval's over-optimisation curve."
+    )
     log_with: Literal["none", "tensorboard", "wandb"] = Field("none", description="accelerate tracker besides rl/metrics.jsonl.")
     max_length_corr: float = Field(0.5, ge=0, le=1, description="Monitor: warn when corr(reward, answer length) exceeds this.")
     min_distinct_2: float = Field(0.2, ge=0, le=1, description="Monitor: warn when distinct-2 of the answers falls below this.")

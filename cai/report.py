@@ -250,6 +250,29 @@ def plot_agreement(metrics: dict) -> bytes | None:
     return _png(fig)
 
 
+def plot_overoptimization(metrics: dict) -> bytes | None:
+    """Proxy (reward-model score) and gold (the checks' compliance) against KL to the SL-CAI model."""
+    points = [p for p in (metrics.get("overoptimization") or []) if p.get("kl") is not None]
+    if len(points) < 2:
+        return None
+    plt = _pyplot()
+    fig, proxy_ax = plt.subplots(figsize=(6.5, 3.6))
+    kl = [p["kl"] for p in points]
+    proxy_ax.plot(kl, [p["proxy"] for p in points], "o-", color="#d9822b", label="proxy: reward-model score")
+    proxy_ax.set_xlabel("KL(policy || SL-CAI) on held-out prompts, nats per answer")
+    proxy_ax.set_ylabel("reward-model score (normalised)", color="#d9822b")
+    gold_ax = proxy_ax.twinx()
+    gold_ax.plot(kl, [p["gold"] for p in points], "s-", color="#1f4e79", label="gold: compliance with the checks")
+    gold_ax.set_ylabel("compliance (checked exactly)", color="#1f4e79")
+    gold_ax.set_ylim(0, 1)
+    for p in points:
+        proxy_ax.annotate(f"step {p['step']}", (p["kl"], p["proxy"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    lines = proxy_ax.get_lines() + gold_ax.get_lines()
+    proxy_ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def plot_harm_refusal(metrics: dict) -> bytes | None:
     """P(harmless) on red-team prompts and P(refuses) on helpful prompts, per model, with intervals."""
     panels = [(k, t) for k, t in (("harmlessness", "harmless on red-team prompts (↑)"), ("over_refusal", "refuses helpful prompts (↓)"))
@@ -551,6 +574,15 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
     if m.get("reward_note"):
         reward_text = [m["reward_note"] + "."]
     out.append({"title": "Reward distribution before and after RL", "plot": "rewards", "text": reward_text})
+    if m.get("overoptimization"):
+        rows = [[p["model"], str(p["step"]), "n/a" if p["kl"] is None else f"{p['kl']:.2f}", f"{p['proxy']:+.2f}", pct(p["gold"])]
+                for p in m["overoptimization"]]
+        out.append({"title": "Over-optimisation: proxy and gold against KL", "plot": "overoptimization",
+                    "tables": [(["policy", "RL step", "KL to SL-CAI", "proxy (reward model)", "gold (compliance)"], rows)],
+                    "text": ["The SL-CAI model, every RL snapshot (rl.keep_snapshots) and the final policy, on the held-out "
+                             "prompts: what RL optimised (the reward model's score) and what it was meant to achieve (the "
+                             "checks), against how far each moved from the SL-CAI model (Gao et al. 2022). Where the proxy "
+                             "still rises and the gold does not, more RL stopped helping."]})
     audit = m.get("labeler_audit")
     audit_text = [f"{audit.get('labeler')} on {audit.get('gold')}, {audit.get('principles')}. How often the labeler's "
                   "debiased label favours the human-preferred answer, how often its pick flips with the order, whether it "
@@ -639,6 +671,7 @@ def make_plots(data: dict) -> dict[str, bytes | None]:
         "audit": plot_audit(m.get("labeler_audit"), data["audit_items"]),
         "compliance": plot_compliance(m),
         "agreement": plot_agreement(m),
+        "overoptimization": plot_overoptimization(m),
     }
 
 

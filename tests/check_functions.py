@@ -13,3 +13,9 @@ def raises(prompt: str, answer: str) -> float:
 
 def out_of_range(prompt: str, answer: str) -> float:
     return 2.0
+
+
+def mostly_e(prompt: str, answer: str) -> float:
+    """A graded check a tiny random model can learn: 4 x the share of the answer's characters that are 'e',
+    capped at 1 (an answer complies when a share of 1/8 or more are)."""
+    return min(1.0, 4.0 * answer.count("e") / max(len(answer), 1))

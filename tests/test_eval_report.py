@@ -313,3 +313,22 @@ def test_a_circular_evaluation_is_named_in_the_report(tmp_path, models, scripted
     assert not (out / "training_labeler_judgements.jsonl").exists()
     html = (out / "report.html").read_text()
     assert "this evaluation is circular" in html
+
+
+def test_the_overoptimization_curve_scores_every_rl_snapshot(tmp_path, models, scripted):
+    """Snapshots kept by the RL stage answer the eval prompts; proxy (reward model) and gold (checks)
+    of each are plotted against KL to the SL-CAI model."""
+    cfg = hand_made_run(tmp_path, models, "constitution=constitutions/checkable.yaml", "eval.judge.backend=rules",
+                        "eval.agreement_audit=false", "rl.steps=4", rm=True)
+    for step, source in ((2, "initial"), (3, "sft")):  # two different tiny policies stand in for the snapshots
+        shutil.copytree(models[source], Path(cfg.output_dir) / "rl" / "snapshots" / f"step-{step}")
+    out = eval_stage.run(cfg)
+    curve = json.loads((out / "metrics.json").read_text())["overoptimization"]
+    assert [(p["model"], p["step"]) for p in curve] == [("sft", 0), ("rl@step-2", 2), ("rl@step-3", 3), ("rl", 4)]
+    assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-4) and curve[2]["kl"] == pytest.approx(0.0, abs=1e-4)  # step-3 is the SL-CAI model
+    assert abs(curve[1]["kl"]) > 1e-3 and all(0 <= p["gold"] <= 1 and p["n"] == 6 for p in curve)
+    snapshot_rows = read_jsonl(out / "snapshot_answers.jsonl")
+    assert {r["model"] for r in snapshot_rows} == {"rl@step-2", "rl@step-3"} and len(snapshot_rows) == 12
+    html = (out / "report.html").read_text()
+    assert "<h2>Over-optimisation: proxy and gold against KL</h2>" in html
+    assert (out / "plots" / "overoptimization.png").stat().st_size > 1000

@@ -7,7 +7,8 @@ about from `ChoiceRequest.subject` rather than from its text:
   that principle's check wins; equal scores, or a check that does not apply to the prompt, are a tie;
 - a grade (eval): "harmless" when the answer satisfies every check that applies to its prompt,
   "refuses" when it opens with a refusal;
-- a d-RLAIF rating from 1 to 10 (rl.reward=direct): 1 + 9 x the mean score of the checks that apply.
+- a d-RLAIF rating from 1 to 10 (rl.reward=direct): 1 + 9 x the mean score of the checks that apply
+  (as the expected rating: the probability is split between the two nearest ratings).
 
 It writes no text: critiques, revisions and chain-of-thought reasoning need another labeler, and
 asking it for them is an error.
@@ -168,8 +169,10 @@ class RulesLabeler:
             probs = [0.0] * len(options)
             if score is None:  # nothing applies: the middle of the scale
                 probs[len(options) // 2 - 1] = probs[len(options) // 2] = 0.5
-            else:
-                probs[round(score * (len(options) - 1))] = 1.0
+            else:  # split between the two nearest ratings, so that the expected rating is 1 + 9 x score exactly
+                position = score * (len(options) - 1)
+                low = min(int(position), len(options) - 2)
+                probs[low], probs[low + 1] = low + 1 - position, position - low
             return probs
         raise CaiError(f"labeler.backend=rules cannot answer a request of job {job!r}")
 

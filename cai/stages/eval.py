@@ -9,6 +9,10 @@
    the SL-CAI model (the RL stage's reference), so KL(model || reference) needs no second pass. The
    final policy also answers the prompts of a few SL-CAI records, for the report's example table.
 3. Reward-model scores of every answer (skipped, and said so, when `rm/` is missing).
+   b. The over-optimisation curve (Gao et al. 2022): each policy snapshot the RL stage kept
+      (`rl.keep_snapshots`, every `rl.checkpoint_every` steps) answers the eval prompts too; the proxy
+      (reward-model score) and the gold (the checks' compliance) of each against its KL to the SL-CAI
+      model show where more RL stopped helping.
 4. Pairwise comparisons (rl vs initial, rl vs sft, sft vs initial) judged by the judge, `eval.judge`
    (a whole labeler config; by default the training labeler, and then the report says the evaluation
    is circular), with the prefs stage's machinery (`cai.preferences.judge_pairs`: each principle in
@@ -174,7 +178,7 @@ def write_answers(cfg, templates, sources, prompts, path: Path, examples: list[d
     done = {(r["model"], r["id"]) for r in read_jsonl(path, repair=True)}
     sft_dir = stage_dir(cfg, "sft")
     reference_source = str(sft_dir) if (sft_dir / DONE).exists() else None
-    final = next(m for m in ("rl", "sft", "initial") if m in sources)  # the newest model shows the examples
+    final = next((m for m in ("rl", "sft", "initial") if m in sources), None)  # the newest model shows the examples
     todo = {m: [(p, s) for p, s in prompts if (m, p.id) not in done] for m in sources}
     need_examples = bool(examples) and not examples_path.exists()
     if not any(todo.values()) and not need_examples:
@@ -221,6 +225,55 @@ def write_answers(cfg, templates, sources, prompts, path: Path, examples: list[d
             if generator is not reference:
                 del generator
                 gc.collect()
+
+
+# -------------------------------------------------------------------------------------------------
+# 7b. The over-optimisation curve
+
+
+def snapshot_sources(cfg: Config) -> dict[str, str]:
+    """{"rl@step-N": folder} of the policy snapshots the RL stage kept (rl.keep_snapshots), by step."""
+    folder = stage_dir(cfg, "rl") / "snapshots"
+    found = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
+    return {f"rl@{p.name}": str(p) for p in found}
+
+
+def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: dict, rewards: dict | None, path: Path) -> list[dict] | None:
+    """Proxy (reward-model score) and gold (the checks' compliance) of the SL-CAI model, each kept RL
+    snapshot and the final policy, against their KL to the SL-CAI reference (Gao et al. 2022).
+
+    The snapshots answer the eval prompts like the compared models (their answers are kept in
+    `path`, so a resumed run asks nothing twice). None when there is no snapshot, no reward model or
+    no check to score by.
+    """
+    from cai.checks import compliance, distinct_checks
+
+    snapshots = snapshot_sources(cfg)
+    checks = distinct_checks(constitution)
+    if not snapshots or not rewards or not checks or "rl" not in cfg.eval.models:
+        return None
+    write_answers(cfg, templates, snapshots, prompts, path, [], path.with_suffix(".unused"))
+    rows = {(r["model"], r["id"]): r for r in read_jsonl(path)}
+    from cai.rewards import RewardModelScorer
+
+    scorer = RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir)
+    points = []
+    for model in ["sft", *snapshots, "rl"]:
+        mine = [(p, rows[model, p.id] if model in snapshots else answer_rows.get((model, p.id))) for p, _ in prompts]
+        if any(r is None for _, r in mine):
+            continue
+        if model in snapshots:
+            proxy = scorer([p.text for p, _ in mine], [r["answer"] for _, r in mine])
+        else:
+            proxy = [rewards[model, p.id] for p, _ in mine]
+        kl = [r["logp"] - r["logp_ref"] for _, r in mine if r.get("logp_ref") is not None]
+        gold = [float(compliance(checks, p.text, r["answer"], p.kind)["complies"]) for p, r in mine]
+        step = 0 if model == "sft" else (cfg.rl.steps if model == "rl" else int(model.split("-")[1]))
+        points.append({"model": model, "step": step, "kl": sum(kl) / len(kl) if kl else None,
+                       "proxy": sum(proxy) / len(proxy), "gold": sum(gold) / len(gold), "n": len(mine)})
+    del scorer
+    gc.collect()
+    return points
 
 
 @contextmanager
@@ -310,6 +363,9 @@ def run(cfg: Config) -> Path:
         reward_note = f"no reward-model scores: {stage_dir(cfg, 'rm')} holds no finished rm stage"
         print(f"[eval] {reward_note}")
 
+    # 3b. The over-optimisation curve over the RL snapshots (rl.keep_snapshots).
+    curve = overoptimization_curve(cfg, templates, prompts, constitution, answer_rows, rewards, stage.path / "snapshot_answers.jsonl")
+
     # 4.-5. The judge (eval.judge, by default the training labeler): pairwise judgements, then
     # harmlessness and refusal grades. With an independent judge, the training labeler judges the same
     # pairs too (the held-out-judge audit).
@@ -355,6 +411,7 @@ def run(cfg: Config) -> Path:
     checked = check_compliance(constitution, prompts, answers, list(sources))
     metrics, samples = aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, reward_note, audit, usage,
                                  roles=roles, checked=checked, agreement=agreed)
+    metrics["overoptimization"] = curve
     atomic_write_json(stage.path / "metrics.json", metrics)
     atomic_write_text(stage.path / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
