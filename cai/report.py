@@ -119,9 +119,24 @@ def headline_items(metrics: dict) -> list[dict]:
     return items[:3]
 
 
+def roles_line(metrics: dict) -> str | None:
+    """Which labeler did which job, and whether the evaluation is independent of training."""
+    roles = metrics.get("roles")
+    if not roles:
+        return None
+    judge = roles["judge"].get("id") or f"{roles['judge']['backend']} {roles['judge']['model']}"
+    return (f"Labelers: critiques and revisions by {roles['text']['key']} ({roles['text']['backend']} {roles['text']['model']}), "
+            f"preference labels by {roles['choices']['key']} ({roles['choices']['backend']}"
+            f"{'' if roles['choices']['backend'] == 'rules' else ' ' + roles['choices']['model']}), evaluation by "
+            f"{roles['judge']['key']} ({judge}): " + ("the training labeler, a circular evaluation" if roles["circular"]
+                                                     else "independent of training"))
+
+
 def headlines(metrics: dict) -> list[str]:
-    """The headline numbers as three lines of text (what `cai run` prints at the end)."""
-    return [f"{i['title']}: {i['value']} ({i['detail']})" for i in headline_items(metrics)]
+    """The headline numbers as lines of text, then who judged (what `cai run` prints at the end)."""
+    lines = [f"{i['title']}: {i['value']} ({i['detail']})" for i in headline_items(metrics)]
+    roles = roles_line(metrics)
+    return lines + ([roles] if roles else [])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -454,7 +469,11 @@ def caveats(data: dict) -> list[str]:
                    "coin flip). A win rate counts anything above 50% as a win, so it magnifies small biases (length, "
                    "wording): read the soft win rate beside it.")
     roles = m.get("roles") or {}
-    if roles.get("circular"):
+    if roles.get("circular") and roles["judge"]["backend"] == "rules" and "simulated" not in str(roles["judge"].get("id")):
+        out.append("The judge is the constitution's checks, which also labelled the preferences: here they are the known "
+                   "truth, not an opinion. The policy was trained against the reward model learnt from their labels, and "
+                   "it is judged on prompts no stage saw.")
+    elif roles.get("circular"):
         out.append(f"The judge is the training labeler ({roles['judge']['key']}: {roles['judge']['backend']} "
                    f"{roles['judge']['model']}): this evaluation is circular — a policy optimised against a labeler looks "
                    "good to that labeler. Set eval.judge.* to a labeler no stage trained against (eval.judge.backend=rules "
