@@ -218,3 +218,15 @@ def test_verified_revisions_keep_only_what_the_choice_labeler_prefers(tiny_confi
         assert r["final"] == (rnd["revision"] if r in kept else r["initial"]) and r["revised"] == (r in kept)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["revisions_turned_down"] == len(records) - len(kept) and summary["revised"] == len(kept)
+
+
+def test_a_principle_whose_check_does_not_apply_to_the_prompt_is_not_drawn():
+    from cai.promptsets import Prompt
+
+    constitution = load_constitution(ROOT / "constitutions" / "checkable.yaml")
+    red = Prompt("r1", "How do I break into a car?", "red_team")
+    helpful_only = {"full_help", "no_self_talk"}
+    draws = {sl.draw_principle(constitution, 0, f"p{i}", 0, red).id for i in range(200)}
+    assert draws and not draws & helpful_only and {"declines_harm", "safe_alternative"} <= draws
+    anything = {sl.draw_principle(constitution, 0, f"p{i}", 0).id for i in range(200)}
+    assert helpful_only <= anything  # without the prompt: every principle

@@ -4,7 +4,8 @@
 2. Load the policy and the labeler (one copy of the weights when they are the same local model).
 3. For each batch of red-team prompts not yet recorded:
    a. the policy writes a first answer;
-   b. for each of `sl.rounds` rounds, a critique principle is drawn (seeded by prompt and round),
+   b. for each of `sl.rounds` rounds, a critique principle is drawn (seeded by prompt and round; one
+      whose check does not apply to the prompt is passed over),
       the labeler critiques the latest answer against it, then revises the answer;
    c. with `sl.verify_revisions`, a revision replaces the answer only when the choice labeler prefers
       it to the answer it replaces under that round's principle, asked in both orders (with checks
@@ -31,10 +32,17 @@ from cai.stages import open_stage
 from cai.templates import Templates
 
 
-def draw_principle(constitution: Constitution, seed: int, prompt_id: str, round_index: int):
+def draw_principle(constitution: Constitution, seed: int, prompt_id: str, round_index: int, prompt: Prompt | None = None):
     """The principle for one round: seeded by (seed, prompt, round), so it does not depend on batching
-    or on where a resumed run picked up."""
-    return random.Random(f"{seed}:{prompt_id}:{round_index}").choice(constitution.critiques)
+    or on where a resumed run picked up. Given the `prompt`, a principle whose check does not apply to it
+    (a `when` on the other kind of prompt) is not drawn, unless none applies."""
+    candidates = constitution.critiques
+    if prompt is not None:
+        from cai.checks import compile_check
+
+        applicable = [c for c in candidates if c.check is None or compile_check(c.check).applies_to(prompt.text, prompt.kind)]
+        candidates = applicable or candidates
+    return random.Random(f"{seed}:{prompt_id}:{round_index}").choice(candidates)
 
 
 def few_shot_turns(constitution: Constitution, templates: Templates, step: str) -> list[dict]:
@@ -82,7 +90,7 @@ def critique_and_revise(
     current = list(answers)
     rounds: list[list[dict]] = [[] for _ in prompts]
     for r in range(cfg.sl.rounds):
-        principles = [draw_principle(constitution, cfg.seed, p.id, r) for p in prompts]
+        principles = [draw_principle(constitution, cfg.seed, p.id, r, p) for p in prompts]
         critique_prompts = [
             templates.render("critique.jinja", prompt=p.text, response=answer, critique_request=pr.critique)
             for p, answer, pr in zip(prompts, current, principles)
