@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="smoke-size settings (minutes), for development")
     parser.add_argument("--accuracies", default="0.9,0.75,0.6", help="simulated labelers' accuracies")
     parser.add_argument("--position-bias", type=float, default=0.2, help="simulated labelers' position bias")
-    parser.add_argument("--dpo-simulated", default="0.9:both,0.75:both,0.75:one,0.6:both",
+    parser.add_argument("--dpo-simulated", default="0.9:both,0.75:both,0.6:both",
                         help="simulated labelers whose labels DPO trains a policy on (accuracy:both|one; '' = none)")
     parser.add_argument("--skip-dpo", action="store_true", help="leave out the DPO policies")
     parser.add_argument("--record", action="store_true", help="write the result's section of benchmarks/RESULTS.md")
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     _quiet_libraries()
     out = Path(args.out).expanduser().resolve()
     size = SMALL if args.small else []
-    common = [*size, *args.overrides]
+    common = [f"eval.prompts=[{ROOT / 'benchmarks' / 'known_truth_prompts.jsonl'}]", *size, *args.overrides]  # from any folder
     started = time.time()
     timings: dict = {}
 

@@ -6,9 +6,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
-
 from cai.checks import compliance, distinct_checks
 from cai.constitution import load_constitution
 from cai.labelers import GenerateRequest, build_labeler
@@ -19,6 +16,7 @@ from cai.records import mark_done
 from cai.rewards import DirectLabelerReward
 from cai.stages import rl
 from cai.templates import Templates
+from tests.test_rl_stage import one_thread  # noqa: F401 - autouse: one torch thread, as the rl tests
 
 CONSTITUTION = """\
 name: letter-e
@@ -44,14 +42,6 @@ def flipped_check_reward(prompts: list[str], answers: list[str]) -> list[float]:
     """The check judge's reward with its sign flipped: a broken learning signal."""
     reward = DirectLabelerReward(build_labeler(CONFIG, role="choices"), load_constitution(CONFIG.constitution), Templates(None), CONFIG)
     return [-r for r in reward(prompts, answers)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def held_out_compliance(cfg, model_dir: Path) -> float:
