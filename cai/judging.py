@@ -135,9 +135,11 @@ def check_compliance(constitution, prompts, answers: dict, models) -> dict | Non
 def agreement(judge_rows: list[dict], training_rows: list[dict]) -> dict:
     """Per principle, how often the training labeler picks the same answer as the judge on the same pairs.
 
-    Each side's pick is the first answer (p > 0.5), the second (p < 0.5) or neither (0.5); they agree when
-    the picks are the same. Pairs with the same answer twice, or unreadable on either side, are left out.
-    {principle: {"pairs", "agree", "agreement", "judge_decisive"}} plus "all".
+    Each side's pick is the first answer (p > 0.5), the second (p < 0.5) or neither (0.5). Agreement is
+    counted where the judge picks one (a tie of the judge, e.g. two answers the checks find equal, says
+    nothing about the principle); pairs with the same answer twice, or unreadable on either side, are
+    left out. {principle: {"pairs", "judge_decisive", "agree", "agreement" (None when the judge never
+    picked)}} plus "all".
     """
     def pick(p):
         return None if p is None else (p > 0.5) - (p < 0.5)
@@ -154,8 +156,8 @@ def agreement(judge_rows: list[dict], training_rows: list[dict]) -> dict:
             for key in (entry["id"], "all"):
                 cell = out.setdefault(key, {"pairs": 0, "agree": 0, "judge_decisive": 0})
                 cell["pairs"] += 1
-                cell["agree"] += mine == theirs
                 cell["judge_decisive"] += mine != 0
+                cell["agree"] += mine != 0 and mine == theirs
     for cell in out.values():
-        cell["agreement"] = cell["agree"] / cell["pairs"]
+        cell["agreement"] = cell["agree"] / cell["judge_decisive"] if cell["judge_decisive"] else None
     return out

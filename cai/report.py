@@ -248,7 +248,7 @@ def plot_compliance(metrics: dict) -> bytes | None:
 
 def plot_agreement(metrics: dict) -> bytes | None:
     """Per principle: how often the training labeler picks the same answer as the independent judge."""
-    agreement = metrics.get("agreement") or {}
+    agreement = {k: v for k, v in (metrics.get("agreement") or {}).items() if v.get("agreement") is not None}
     if not agreement:
         return None
     plt = _pyplot()
@@ -257,7 +257,7 @@ def plot_agreement(metrics: dict) -> bytes | None:
     ys = list(range(len(labels)))[::-1]
     ax.barh(ys, [agreement[k]["agreement"] for k in labels], color=["#1f4e79"] + ["#8fb3d9"] * (len(labels) - 1))
     for y, k in zip(ys, labels):
-        ax.text(agreement[k]["agreement"] + 0.01, y, f"{pct(agreement[k]['agreement'])} of {agreement[k]['pairs']}", va="center", fontsize=8)
+        ax.text(agreement[k]["agreement"] + 0.01, y, f"{pct(agreement[k]['agreement'])} of {agreement[k]['judge_decisive']}", va="center", fontsize=8)
     ax.set_yticks(ys, labels)
     ax.set_xlim(0, 1.15)
     ax.set_xlabel("training labeler agrees with the independent judge")
@@ -464,7 +464,7 @@ def caveats(data: dict) -> list[str]:
         out.append("The labeler has not been audited: run `cai audit-labeler CONFIG` (or set eval.audit_pairs) "
                    "to see how often it agrees with human judgements.")
     confidence = m.get("judge_confidence")
-    if confidence is not None and confidence < 0.6:
+    if confidence is not None and confidence < 0.6 and (m.get("roles") or {}).get("judge", {}).get("backend") != "rules":
         out.append(f"The judge is barely confident: it gives the answer it prefers {pct(confidence)} on average (50% is a "
                    "coin flip). A win rate counts anything above 50% as a win, so it magnifies small biases (length, "
                    "wording): read the soft win rate beside it.")
@@ -565,13 +565,14 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
                              "numbers are exact for the answers sampled; the intervals are bootstrap over prompts."]})
     if m.get("agreement"):
         a = m["agreement"]
-        rows = [[k, str(a[k]["pairs"]), pct(a[k]["agreement"]), pct(a[k]["judge_decisive"] / a[k]["pairs"])]
+        rows = [[k, str(a[k]["pairs"]), str(a[k]["judge_decisive"]), pct(a[k]["agreement"]) if a[k]["agreement"] is not None else "n/a"]
                 for k in ["all"] + sorted(x for x in a if x != "all")]
         out.append({"title": "Held-out-judge audit: does the training labeler agree with the judge?", "plot": "agreement",
-                    "tables": [(["principle", "pair questions", "agreement", "judge decisive"], rows)],
-                    "text": ["The training labeler judged the same evaluation pairs as the independent judge. Where it agrees "
-                             "less, the policy may have learnt what the training labeler likes rather than what the principle "
-                             "asks: reward hacking shows here first."]})
+                    "tables": [(["principle", "pair questions", "the judge picks an answer", "the training labeler picks the same"], rows)],
+                    "text": ["The training labeler judged the same evaluation pairs as the independent judge. Agreement is "
+                             "counted where the judge picks an answer (where it calls a tie, the principle does not separate "
+                             "the two). Where the training labeler agrees less, the policy may have learnt what it likes "
+                             "rather than what the principle asks: reward hacking shows here first."]})
     out.append({"title": "Win rates by principle", "plot": "win_rates",
                 "tables": [win_table(m), principle_table(m, data["questions"])],
                 "text": [f"Each pair of answers to a prompt is judged by the labeler under {asked}, each in both orders "

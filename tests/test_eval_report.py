@@ -291,7 +291,8 @@ def test_an_independent_judge_and_the_agreement_audit(tmp_path, models, scripted
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["roles"]["circular"] is False and metrics["roles"]["judge"]["key"] == "eval.judge"
     assert metrics["roles"]["choices"]["key"] == "labeler"
-    assert 0 <= metrics["agreement"]["all"]["agreement"] <= 1 and metrics["agreement"]["all"]["pairs"] > 0
+    every = metrics["agreement"]["all"]
+    assert every["pairs"] > 0 and (every["agreement"] is None) == (every["judge_decisive"] == 0)
     answers = {(a["model"], a["id"]): a for a in read_jsonl(out / "answers.jsonl")}
     from cai.checks import compliance, distinct_checks
     from cai.constitution import load_constitution
@@ -332,3 +333,18 @@ def test_the_overoptimization_curve_scores_every_rl_snapshot(tmp_path, models, s
     html = (out / "report.html").read_text()
     assert "<h2>Over-optimisation: proxy and gold against KL</h2>" in html
     assert (out / "plots" / "overoptimization.png").stat().st_size > 1000
+
+
+def test_agreement_counts_where_the_judge_picks_an_answer():
+    from cai.judging import agreement
+
+    def row(pid, *p_firsts, status="ok"):
+        return {"id": pid, "status": status, "principles": [{"id": f"q{i}", "p_first": p} for i, p in enumerate(p_firsts)]}
+
+    judge = [row("a", 1.0, 0.5, 0.0), row("b", 1.0, 0.0, None), row("c", 1.0, 1.0, 1.0, status="identical")]
+    training = [row("a", 0.7, 0.9, 0.6), row("b", 0.6, 0.2, 0.8), row("c", 0.0, 0.0, 0.0)]
+    out = agreement(judge, training)
+    assert out["q0"] == {"pairs": 2, "judge_decisive": 2, "agree": 2, "agreement": 1.0}
+    assert out["q1"] == {"pairs": 2, "judge_decisive": 1, "agree": 1, "agreement": 1.0}  # the judge's tie is left out
+    assert out["q2"] == {"pairs": 1, "judge_decisive": 1, "agree": 0, "agreement": 0.0}  # unreadable on one side: left out
+    assert out["all"]["agreement"] == pytest.approx(3 / 4) and out["all"]["pairs"] == 5
