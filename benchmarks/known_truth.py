@@ -39,6 +39,7 @@ from cai import winrates  # noqa: E402
 from cai.cli import _quiet_libraries, run_stage  # noqa: E402
 from cai.config import load_config  # noqa: E402
 from cai.constitution import load_constitution  # noqa: E402
+from cai.errors import CaiError  # noqa: E402
 from cai.labelers.rules import RulesLabeler, prompt_kinds  # noqa: E402
 from cai.preferences import JudgeSettings, PairItem, judge_pairs  # noqa: E402
 from cai.records import atomic_write_text, read_jsonl, save_dataset  # noqa: E402
@@ -57,6 +58,17 @@ def run_stages(cfg, stages, timings: dict, label: str) -> None:
         run_stage(stage, cfg)
         timings[f"{label}/{stage}"] = round(time.time() - started, 1)
         print(f"[known_truth] {label}/{stage}: {timings[f'{label}/{stage}']} s", flush=True)
+
+
+def trained(cfg, timings: dict, label: str, notes: list) -> bool:
+    """rl (DPO) then eval; False, with a note, when there is nothing to train on (every pair a tie)."""
+    try:
+        run_stages(cfg, ("rl", "eval"), timings, label)
+    except CaiError as err:
+        notes.append(f"{label}: not trained: {err}")
+        print(f"[known_truth] {notes[-1]}", flush=True)
+        return False
+    return True
 
 
 def copy_stages(source: Path, target: Path, stages=("sl", "sft", "prefs")) -> None:
@@ -171,6 +183,7 @@ def main(argv=None) -> int:
     common = [f"eval.prompts=[{ROOT / 'benchmarks' / 'known_truth_prompts.jsonl'}]", *size, *args.overrides]  # from any folder
     started = time.time()
     timings: dict = {}
+    notes: list[str] = []
 
     # 1. exact: the whole pipeline, the checks as the preference labeler
     exact = load_config(CONFIG, [f"output_dir={out / 'exact'}", *common])
@@ -186,8 +199,8 @@ def main(argv=None) -> int:
     if not args.skip_dpo:
         copy_stages(out / "exact", out / "dpo")
         dpo = load_config(CONFIG, [f"output_dir={out / 'dpo'}", *common, *DPO])
-        run_stages(dpo, ("rl", "eval"), timings, "dpo")
-        results["SL-CAI → DPO"] = {"labeler": labeler_name, **summarise(per_prompt(out / "dpo")["rl"], baseline, exact.seed)}
+        if trained(dpo, timings, "dpo", notes):
+            results["SL-CAI → DPO"] = {"labeler": labeler_name, **summarise(per_prompt(out / "dpo")["rl"], baseline, exact.seed)}
 
     # 3. simulated labelers on the same pairs
     quality = {}
@@ -204,7 +217,8 @@ def main(argv=None) -> int:
             write_relabeled_dataset(run_dir, rows, key, exact.policy.system_prompt)
             cfg = load_config(CONFIG, [f"output_dir={run_dir}", *common, *DPO, f"choice_labeler.simulated_accuracy={accuracy}",
                                        f"choice_labeler.simulated_position_bias={args.position_bias}"])
-            run_stages(cfg, ("rl", "eval"), timings, run_dir.name)
+            if not trained(cfg, timings, run_dir.name, notes):
+                continue
             name = f"SL-CAI → DPO, simulated labeler ({'both orders' if orders == 'both' else 'one order'})"
             results[f"{name}, accuracy {accuracy:g}"] = {
                 "labeler": f"accuracy {accuracy:g}, position bias {args.position_bias:g}",
@@ -218,13 +232,15 @@ def main(argv=None) -> int:
         both, one = q["both orders"], q["one order"]
         lines.append(f"| {accuracy:g} | {args.position_bias:g} | {pct(both['mean'])} {ci(both).replace('+', '')} | "
                      f"{pct(one['mean'])} {ci(one).replace('+', '')} | {both['pairs']} |")
+    lines += [""] + [f"- {n}" for n in notes] if notes else []
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
               f"", f"Total: {elapsed / 60:.1f} min (stages skipped as already complete take ~0 s)."]
     text = "\n".join(lines)
     print("\n" + text)
     atomic_write_text(out / "results.md", text + "\n")
     (out / "results.json").write_text(json.dumps({"results": results, "label_quality": quality, "timings": timings,
-                                                   "seconds": elapsed, "small": args.small, "overrides": args.overrides}, indent=1))
+                                                   "notes": notes, "seconds": elapsed, "small": args.small,
+                                                   "overrides": args.overrides}, indent=1))
     if args.record:
         path = ROOT / "benchmarks" / "RESULTS.md"
         current = path.read_text()
