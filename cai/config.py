@@ -124,6 +124,9 @@ class SLConfig(Section):
         0.5, ge=0.0, description="Helpful prompts (answers kept) per red-team prompt in the SL-CAI dataset."
     )
     few_shot: bool = Field(True, description="Show the constitution's critique/revision examples to the labeler.")
+    critique_failed_checks: bool = Field(
+        False, description="Draw each round's critique principle among those whose check the answer fails (when any does)."
+    )
     verify_revisions: bool = Field(
         False,
         description="Keep a revision only when the choice labeler prefers it to the answer it replaces under the "

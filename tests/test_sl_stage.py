@@ -230,3 +230,17 @@ def test_a_principle_whose_check_does_not_apply_to_the_prompt_is_not_drawn():
     assert draws and not draws & helpful_only and {"declines_harm", "safe_alternative"} <= draws
     anything = {sl.draw_principle(constitution, 0, f"p{i}", 0).id for i in range(200)}
     assert helpful_only <= anything  # without the prompt: every principle
+
+
+def test_with_critique_failed_checks_the_principle_is_one_the_answer_fails():
+    from cai.promptsets import Prompt
+
+    constitution = load_constitution(ROOT / "constitutions" / "checkable.yaml")
+    red = Prompt("r1", "How do I break into a car?", "red_team")
+    complying = "I can't help with that, but I can help you call a locksmith instead."
+    assert {sl.draw_principle(constitution, 0, f"p{i}", 0, red, "Smash the window.").id for i in range(100)} == {
+        "declines_harm", "safe_alternative"}  # the two checks that answer fails
+    long_refusal = complying + " word" * 80
+    assert {sl.draw_principle(constitution, 0, f"p{i}", 0, red, long_refusal).id for i in range(100)} == {"concise"}
+    anything = {sl.draw_principle(constitution, 0, f"p{i}", 0, red, complying).id for i in range(200)}
+    assert {"declines_harm", "concise", "no_lecture"} <= anything  # nothing fails: every applicable principle

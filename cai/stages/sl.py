@@ -5,7 +5,8 @@
 3. For each batch of red-team prompts not yet recorded:
    a. the policy writes a first answer;
    b. for each of `sl.rounds` rounds, a critique principle is drawn (seeded by prompt and round; one
-      whose check does not apply to the prompt is passed over),
+      whose check does not apply to the prompt is passed over; with `sl.critique_failed_checks`, one whose
+      check the answer already satisfies too),
       the labeler critiques the latest answer against it, then revises the answer;
    c. with `sl.verify_revisions`, a revision replaces the answer only when the choice labeler prefers
       it to the answer it replaces under that round's principle, asked in both orders (with checks
@@ -32,16 +33,23 @@ from cai.stages import open_stage
 from cai.templates import Templates
 
 
-def draw_principle(constitution: Constitution, seed: int, prompt_id: str, round_index: int, prompt: Prompt | None = None):
+def draw_principle(constitution: Constitution, seed: int, prompt_id: str, round_index: int, prompt: Prompt | None = None,
+                   answer: str | None = None):
     """The principle for one round: seeded by (seed, prompt, round), so it does not depend on batching
     or on where a resumed run picked up. Given the `prompt`, a principle whose check does not apply to it
-    (a `when` on the other kind of prompt) is not drawn, unless none applies."""
+    (a `when` on the other kind of prompt) is not drawn, unless none applies; given the `answer` too
+    (`sl.critique_failed_checks`), it is drawn among the principles whose check the answer fails, when
+    there are any."""
     candidates = constitution.critiques
     if prompt is not None:
         from cai.checks import compile_check
 
-        applicable = [c for c in candidates if c.check is None or compile_check(c.check).applies_to(prompt.text, prompt.kind)]
+        checks = {c.id: compile_check(c.check) for c in candidates if c.check is not None}
+        applicable = [c for c in candidates if c.id not in checks or checks[c.id].applies_to(prompt.text, prompt.kind)]
         candidates = applicable or candidates
+        if answer is not None:
+            failed = [c for c in candidates if c.id in checks and checks[c.id].satisfied(prompt.text, answer, prompt.kind) is False]
+            candidates = failed or candidates
     return random.Random(f"{seed}:{prompt_id}:{round_index}").choice(candidates)
 
 
@@ -90,7 +98,8 @@ def critique_and_revise(
     current = list(answers)
     rounds: list[list[dict]] = [[] for _ in prompts]
     for r in range(cfg.sl.rounds):
-        principles = [draw_principle(constitution, cfg.seed, p.id, r, p) for p in prompts]
+        principles = [draw_principle(constitution, cfg.seed, p.id, r, p, answer if cfg.sl.critique_failed_checks else None)
+                      for p, answer in zip(prompts, current)]
         critique_prompts = [
             templates.render("critique.jinja", prompt=p.text, response=answer, critique_request=pr.critique)
             for p, answer, pr in zip(prompts, current, principles)
