@@ -449,6 +449,9 @@ def example_rows(examples: list[dict]) -> list[list[str]]:
     rows = []
     for e in examples:
         critiques = "\n\n".join(f"[{r.get('principle_id')}] {cut(r.get('critique'), 400)}" for r in e.get("rounds", []))
+        refused = [r for r in e.get("rounds", []) if r.get("accepted") is False]  # sl.verify_revisions turned them down
+        if refused:
+            critiques += "\n\n" + "\n\n".join(f"(revision turned down: {cut(r.get('revision'), 200)})" for r in refused)
         rows.append([cut(e["prompt"], 300), cut(e["first_answer"]), critiques, cut(e["sl_final"]), cut(e["policy_answer"])])
     return rows
 
@@ -546,7 +549,8 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
     roles = m.get("roles")
     if roles:
         who = [f"critiques and revisions: {roles['text']['key']} ({roles['text']['backend']} {roles['text']['model']})",
-               f"preference labels and scores: {roles['choices']['key']} ({roles['choices']['backend']} {roles['choices']['model']})",
+               f"preference labels and scores: {roles['choices']['key']} ({roles['choices']['backend']}"
+               f"{'' if roles['choices']['backend'] == 'rules' else ' ' + roles['choices']['model']})",
                f"evaluation: {roles['judge']['key']} ({roles['judge'].get('id') or roles['judge']['backend']})"]
         verdict = ("The judge is the training labeler: the evaluation is circular (a policy optimised against a labeler looks "
                    "good to it)." if roles["circular"] else

@@ -218,7 +218,7 @@ def write_answers(cfg, templates, sources, prompts, path: Path, examples: list[d
                 generations = generator.generate([GenerateRequest(ask(r["prompt"]), **sampling) for r in examples])
                 rows_out = [{
                     "id": r["id"], "prompt": r["prompt"], "first_answer": r["initial"],
-                    "rounds": [{k: x.get(k) for k in ("principle_id", "critique", "revision")} for x in r["rounds"]],
+                    "rounds": [{k: x.get(k) for k in ("principle_id", "critique", "revision", "accepted")} for x in r["rounds"]],
                     "sl_final": r["final"], "policy": model_name, "policy_answer": g.text or "",
                 } for r, g in zip(examples, generations)]
                 atomic_write_text(examples_path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows_out))
