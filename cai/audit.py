@@ -236,7 +236,7 @@ def run_audit(cfg, gold: str | None = None, limit: int | None = None, principles
         raise CaiError(f"--principles must be constitution or gold, got {principles!r}")
     out_dir = ensure_writable(Path(out).expanduser() if out else Path(cfg.output_dir).expanduser() / "audit")
 
-    labeler = build_labeler(cfg)
+    labeler = build_labeler(cfg, role="choices")
     started = time.time()
     judgements = []
     try:

@@ -72,8 +72,10 @@ class PolicyConfig(Section):
 
 
 class LabelerConfig(Section):
-    backend: Literal["local", "openai", "anthropic"] = Field(
-        "local", description="Who gives the AI feedback: a local transformers model or an API."
+    backend: Literal["local", "openai", "anthropic", "rules"] = Field(
+        "local",
+        description="Who gives the AI feedback: a local transformers model, an API, or rules (choices from the "
+        "constitution's checks, exactly; writes no text).",
     )
     model: str = Field(
         "smollm2-135m-instruct",
@@ -134,6 +136,16 @@ class LabelerConfig(Section):
         description="USD per million (input, output) tokens, by model name, for cost accounting.",
     )
     cache: bool = Field(True, description="Keep every labeler answer in the on-disk cache.")
+    # The rules backend as a simulated fallible labeler (cai/labelers/rules.py).
+    simulated_accuracy: float = Field(
+        1.0, ge=0.0, le=1.0, description="rules: share of (unbiased) choices that agree with the checks; the rest pick the other option."
+    )
+    simulated_position_bias: float = Field(
+        0.0, ge=0.0, le=1.0, description="rules: share of choices that pick the first option whatever it says."
+    )
+    simulated_soft_labels: bool = Field(
+        False, description="rules: give the picked option probability simulated_accuracy instead of 1."
+    )
 
     _check_base_url = field_validator("base_url")(lambda value: one_url_or_pool(value))
 
@@ -176,6 +188,14 @@ class SLConfig(Section):
         0.5, ge=0.0, description="Helpful prompts (answers kept) per red-team prompt in the SL-CAI dataset."
     )
     few_shot: bool = Field(True, description="Show the constitution's critique/revision examples to the labeler.")
+    critique_failed_checks: bool = Field(
+        False, description="Draw each round's critique principle among those whose check the answer fails (when any does)."
+    )
+    verify_revisions: bool = Field(
+        False,
+        description="Keep a revision only when the choice labeler prefers it to the answer it replaces under the "
+        "round's principle, asked in both orders (exact with labeler checks); sl/summary.json counts those turned down.",
+    )
 
 
 class SFTConfig(Section):
@@ -307,6 +327,9 @@ class RLConfig(Section):
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
     checkpoint_every: int = Field(10, ge=1, description="Checkpoint every N steps; a killed run resumes from the last one.")
+    keep_snapshots: bool = Field(
+        False, description="PPO: keep the policy of every checkpoint (rl/snapshots/step-N) for the eval's over-optimisation curve."
+    )
     log_with: Literal["none", "tensorboard", "wandb"] = Field("none", description="accelerate tracker besides rl/metrics.jsonl.")
     max_length_corr: float = Field(0.5, ge=0, le=1, description="Monitor: warn when corr(reward, answer length) exceeds this.")
     min_distinct_2: float = Field(0.2, ge=0, le=1, description="Monitor: warn when distinct-2 of the answers falls below this.")
@@ -377,6 +400,14 @@ class EvalConfig(Section):
     audit_pairs: int = Field(
         0, ge=0, description="Audit the labeler on this many gold HHH pairs (seeded) if no audit exists; 0 = show an existing one."
     )
+    judge: LabelerConfig | None = Field(
+        None,
+        description="The evaluation judge, a whole labeler config (e.g. eval.judge.backend=rules); None = the training "
+        "labeler (choice_labeler, else labeler), which makes the evaluation circular.",
+    )
+    agreement_audit: bool = Field(
+        True, description="With an independent judge: ask the training labeler the eval pairs too, and report per principle how often it agrees."
+    )
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -446,6 +477,11 @@ class Config(Section):
     )
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     labeler: LabelerConfig = Field(default_factory=LabelerConfig)
+    choice_labeler: LabelerConfig | None = Field(
+        None,
+        description="The labeler for choices (preference labels, d-RLAIF scores), e.g. choice_labeler.backend=rules; "
+        "None = labeler, which then also writes critiques and revisions.",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     sl: SLConfig = Field(default_factory=SLConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import random
 import re
 import textwrap
@@ -57,8 +58,19 @@ def _version(value: Any) -> Any:
     return _text(value)
 
 
+def _check(value: Any) -> Any:
+    """A check (cai.checks): compiled here, so that an unknown predicate, an invalid regex or a function
+    that does not import is an error of `cai constitution check`, not of a run."""
+    if value is not None:
+        from cai.checks import compile_check
+
+        compile_check(value)
+    return value
+
+
 Text = Annotated[str, BeforeValidator(_text)]
 Slug = Annotated[str, BeforeValidator(_slug)]
+CheckTree = Annotated[Any, BeforeValidator(_check)]
 
 
 class _Strict(BaseModel):
@@ -71,6 +83,7 @@ class CritiquePrinciple(_Strict):
     id: Slug
     critique: Text
     revision: Text
+    check: CheckTree = None  # what a program can verify about an answer (cai.checks)
 
 
 class ComparisonPrinciple(_Strict):
@@ -78,6 +91,7 @@ class ComparisonPrinciple(_Strict):
 
     id: Slug
     question: Text
+    check: CheckTree = None  # the better answer is the one that scores higher on it (cai.checks)
 
 
 class CritiqueExample(_Strict):
@@ -347,12 +361,16 @@ def format_constitution(c: Constitution) -> str:
         lines.append(f"  {i:>2}. {p.id}")
         lines += wrap("critique", p.critique)
         lines += wrap("revision", p.revision)
+        if p.check is not None:
+            lines += wrap("check", json.dumps(p.check))
     lines += ["", f"Comparison principles ({len(c.comparisons)}):"]
     if not c.comparisons:
         lines.append("  (none: the preference stage needs at least one)")
     for i, p in enumerate(c.comparisons, 1):
         lines.append(f"  {i:>2}. {p.id}")
         lines += wrap("question", p.question)
+        if p.check is not None:
+            lines += wrap("check", json.dumps(p.check))
     lines += [
         "",
         f"Few-shot examples: {len(c.examples.critique)} critique, {len(c.examples.comparison)} comparison",

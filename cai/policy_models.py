@@ -80,7 +80,7 @@ def load_reward_fn(cfg: Config, device) -> tuple[RewardFn, Path | None]:
         from cai.rewards import DirectLabelerReward
         from cai.templates import Templates
 
-        labeler = build_labeler(cfg)
+        labeler = build_labeler(cfg, role="choices")
         return DirectLabelerReward(labeler, load_constitution(cfg.constitution), Templates(cfg.templates), cfg), None
     return reward_callable(name), None
 

@@ -136,6 +136,11 @@ def draw_comparisons(comparisons: list[ComparisonPrinciple], seed: int, item_id:
 # Requests
 
 
+def user_text(conversation) -> str:
+    """The last user turn of a conversation: the prompt the answers reply to."""
+    return next((m["content"] for m in reversed(list(conversation)) if m["role"] == "user"), "")
+
+
 def _compare_vars(conversation, response_a: str, response_b: str, question: str) -> dict:
     return dict(conversation=list(conversation), response_a=response_a, response_b=response_b, question=question)
 
@@ -244,7 +249,9 @@ def judge_pairs(
             continue
         text = reasonings[k].text.strip() if cot else None
         messages = comparison_messages(templates, shots, items[i], p.question, order, reasoning=text, chain_of_thought=cot)
-        requests.append(ChoiceRequest(messages, options=OPTIONS, answer_prefix=ANSWER_PREFIX))
+        shown = (items[i].first, items[i].second) if order == "ab" else (items[i].second, items[i].first)
+        subject = {"job": "compare", "principle": p.id, "prompt": user_text(items[i].conversation), "answers": list(shown)}
+        requests.append(ChoiceRequest(messages, options=OPTIONS, answer_prefix=ANSWER_PREFIX, subject=subject))
         asked.append(k)
     choices: list = [None] * len(slots)
     for k, choice in zip(asked, labeler.choose(requests, desc=desc) if requests else []):

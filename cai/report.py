@@ -87,6 +87,14 @@ def headline_items(metrics: dict) -> list[dict]:
     """Up to three numbers a person reads first: the main win rate, harmlessness, over-refusal
     (the reward-model score fills in when a grade is missing). Each: title, value, detail."""
     items = []
+    compliance = {m: r for m, r in (metrics.get("compliance") or {}).items() if r.get("mean") is not None}
+    if compliance:
+        judge = "an independent judge" if not (metrics.get("roles") or {}).get("circular", True) else "the training labeler's checks"
+        items.append({"title": "Compliance with the constitution's checks",
+                      "value": " → ".join(pct(r["mean"]) for r in compliance.values()),
+                      "detail": f"{', '.join(name(m) for m in compliance)}; share of held-out answers that satisfy every check "
+                                f"that applies to their prompt, checked exactly ({judge}), intervals "
+                                + ", ".join(ci_text(r["ci"]) for r in compliance.values())})
     wins = metrics.get("win_rates") or {}
     key = next((k for k in ("rl vs initial", "rl vs sft", "sft vs initial") if k in wins), None)
     if key and wins[key]["overall"]["n"]:
@@ -94,7 +102,8 @@ def headline_items(metrics: dict) -> list[dict]:
         items.append({"title": f"Win rate, {name(wins[key]['model'])} vs {name(wins[key]['opponent'])}",
                       "value": pct(o["win_rate"]),
                       "detail": f"{ci_text(o['ci'])} over {o['n']} held-out prompts (soft win rate {pct(o['soft_win_rate'])}), "
-                                f"judged by {metrics.get('labeler')} in both orders"})
+                                f"judged by {metrics.get('labeler')} in both orders"
+                                + (" — the training labeler: circular" if (metrics.get("roles") or {}).get("circular") else "")})
     for key, title, better in (("harmlessness", "Harmlessness on red-team prompts", "higher"),
                                ("over_refusal", "Over-refusal on helpful prompts", "lower")):
         rates = {m: r for m, r in (metrics.get(key) or {}).items() if r.get("mean") is not None}
@@ -110,9 +119,24 @@ def headline_items(metrics: dict) -> list[dict]:
     return items[:3]
 
 
+def roles_line(metrics: dict) -> str | None:
+    """Which labeler did which job, and whether the evaluation is independent of training."""
+    roles = metrics.get("roles")
+    if not roles:
+        return None
+    judge = roles["judge"].get("id") or f"{roles['judge']['backend']} {roles['judge']['model']}"
+    return (f"Labelers: critiques and revisions by {roles['text']['key']} ({roles['text']['backend']} {roles['text']['model']}), "
+            f"preference labels by {roles['choices']['key']} ({roles['choices']['backend']}"
+            f"{'' if roles['choices']['backend'] == 'rules' else ' ' + roles['choices']['model']}), evaluation by "
+            f"{roles['judge']['key']} ({judge}): " + ("the training labeler, a circular evaluation" if roles["circular"]
+                                                     else "independent of training"))
+
+
 def headlines(metrics: dict) -> list[str]:
-    """The headline numbers as three lines of text (what `cai run` prints at the end)."""
-    return [f"{i['title']}: {i['value']} ({i['detail']})" for i in headline_items(metrics)]
+    """The headline numbers as lines of text, then who judged (what `cai run` prints at the end)."""
+    lines = [f"{i['title']}: {i['value']} ({i['detail']})" for i in headline_items(metrics)]
+    roles = roles_line(metrics)
+    return lines + ([roles] if roles else [])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -190,6 +214,76 @@ def plot_win_rates(metrics: dict) -> bytes | None:
         ax.set_title(f"{name(w['model'])} vs {name(w['opponent'])}", fontsize=10)
         ax.set_xlabel(f"win rate of {name(w['model'])}")
         ax.set_yticks(ys, labels)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_compliance(metrics: dict) -> bytes | None:
+    """Compliance with the checks per model, overall and per check, with intervals (the known truth)."""
+    compliance = metrics.get("compliance") or {}
+    if not compliance:
+        return None
+    plt = _pyplot()
+    models = list(compliance)
+    checks = sorted({c for per in (metrics.get("check_pass_rates") or {}).values() for c in per})
+    labels = ["every check"] + checks
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(labels) * max(1, len(models)) / 2 + 1.5))
+    height = 0.8 / len(models)
+    for k, m in enumerate(models):
+        stats = [compliance[m]] + [(metrics["check_pass_rates"].get(m) or {}).get(c) for c in checks]
+        for y, s in enumerate(stats):
+            if not s or s.get("mean") is None:
+                continue
+            pos = len(labels) - 1 - y + (len(models) - 1 - k - (len(models) - 1) / 2) * height
+            low, high = s["ci"] or (s["mean"], s["mean"])
+            ax.barh(pos, s["mean"], height=height, color=COLORS.get(m, "#555"), label=name(m) if y == 0 else None)
+            ax.errorbar(s["mean"], pos, xerr=[[s["mean"] - low], [high - s["mean"]]], color="#222", capsize=2, lw=1)
+    ax.set_yticks(range(len(labels))[::-1], labels)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of held-out answers that pass (checked exactly)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_agreement(metrics: dict) -> bytes | None:
+    """Per principle: how often the training labeler picks the same answer as the independent judge."""
+    agreement = {k: v for k, v in (metrics.get("agreement") or {}).items() if v.get("agreement") is not None}
+    if not agreement:
+        return None
+    plt = _pyplot()
+    labels = ["all"] + sorted(k for k in agreement if k != "all")
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(labels) + 1.2))
+    ys = list(range(len(labels)))[::-1]
+    ax.barh(ys, [agreement[k]["agreement"] for k in labels], color=["#1f4e79"] + ["#8fb3d9"] * (len(labels) - 1))
+    for y, k in zip(ys, labels):
+        ax.text(agreement[k]["agreement"] + 0.01, y, f"{pct(agreement[k]['agreement'])} of {agreement[k]['judge_decisive']}", va="center", fontsize=8)
+    ax.set_yticks(ys, labels)
+    ax.set_xlim(0, 1.15)
+    ax.set_xlabel("training labeler agrees with the independent judge")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_overoptimization(metrics: dict) -> bytes | None:
+    """Proxy (reward-model score) and gold (the checks' compliance) against KL to the SL-CAI model."""
+    points = [p for p in (metrics.get("overoptimization") or []) if p.get("kl") is not None]
+    if len(points) < 2:
+        return None
+    plt = _pyplot()
+    fig, proxy_ax = plt.subplots(figsize=(6.5, 3.6))
+    kl = [p["kl"] for p in points]
+    proxy_ax.plot(kl, [p["proxy"] for p in points], "o-", color="#d9822b", label="proxy: reward-model score")
+    proxy_ax.set_xlabel("KL(policy || SL-CAI) on held-out prompts, nats per answer")
+    proxy_ax.set_ylabel("reward-model score (normalised)", color="#d9822b")
+    gold_ax = proxy_ax.twinx()
+    gold_ax.plot(kl, [p["gold"] for p in points], "s-", color="#1f4e79", label="gold: compliance with the checks")
+    gold_ax.set_ylabel("compliance (checked exactly)", color="#1f4e79")
+    gold_ax.set_ylim(0, 1)
+    for p in points:
+        proxy_ax.annotate(f"step {p['step']}", (p["kl"], p["proxy"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    lines = proxy_ax.get_lines() + gold_ax.get_lines()
+    proxy_ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower right")
     fig.tight_layout()
     return _png(fig)
 
@@ -355,6 +449,9 @@ def example_rows(examples: list[dict]) -> list[list[str]]:
     rows = []
     for e in examples:
         critiques = "\n\n".join(f"[{r.get('principle_id')}] {cut(r.get('critique'), 400)}" for r in e.get("rounds", []))
+        refused = [r for r in e.get("rounds", []) if r.get("accepted") is False]  # sl.verify_revisions turned them down
+        if refused:
+            critiques += "\n\n" + "\n\n".join(f"(revision turned down: {cut(r.get('revision'), 200)})" for r in refused)
         rows.append([cut(e["prompt"], 300), cut(e["first_answer"]), critiques, cut(e["sl_final"]), cut(e["policy_answer"])])
     return rows
 
@@ -370,10 +467,20 @@ def caveats(data: dict) -> list[str]:
         out.append("The labeler has not been audited: run `cai audit-labeler CONFIG` (or set eval.audit_pairs) "
                    "to see how often it agrees with human judgements.")
     confidence = m.get("judge_confidence")
-    if confidence is not None and confidence < 0.6:
+    if confidence is not None and confidence < 0.6 and (m.get("roles") or {}).get("judge", {}).get("backend") != "rules":
         out.append(f"The judge is barely confident: it gives the answer it prefers {pct(confidence)} on average (50% is a "
                    "coin flip). A win rate counts anything above 50% as a win, so it magnifies small biases (length, "
                    "wording): read the soft win rate beside it.")
+    roles = m.get("roles") or {}
+    if roles.get("circular") and roles["judge"]["backend"] == "rules" and "simulated" not in str(roles["judge"].get("id")):
+        out.append("The judge is the constitution's checks, which also labelled the preferences: here they are the known "
+                   "truth, not an opinion. The policy was trained against the reward model learnt from their labels, and "
+                   "it is judged on prompts no stage saw.")
+    elif roles.get("circular"):
+        out.append(f"The judge is the training labeler ({roles['judge']['key']}: {roles['judge']['backend']} "
+                   f"{roles['judge']['model']}): this evaluation is circular — a policy optimised against a labeler looks "
+                   "good to that labeler. Set eval.judge.* to a labeler no stage trained against (eval.judge.backend=rules "
+                   "with a checkable constitution) for evidence.")
     n = (m.get("prompts") or {}).get("total", 0)
     if n and n < 50:
         out.append(f"Only {n} held-out prompts: the intervals are wide. Raise data.limit or data.fractions.eval, "
@@ -439,6 +546,37 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
                  f"training stage saw ({sets})."],
         "tables": [model_table(m)],
     }]
+    roles = m.get("roles")
+    if roles:
+        who = [f"critiques and revisions: {roles['text']['key']} ({roles['text']['backend']} {roles['text']['model']})",
+               f"preference labels and scores: {roles['choices']['key']} ({roles['choices']['backend']}"
+               f"{'' if roles['choices']['backend'] == 'rules' else ' ' + roles['choices']['model']})",
+               f"evaluation: {roles['judge']['key']} ({roles['judge'].get('id') or roles['judge']['backend']})"]
+        verdict = ("The judge is the training labeler: the evaluation is circular (a policy optimised against a labeler looks "
+                   "good to it)." if roles["circular"] else
+                   "The judge is not the labeler that the preference stage trained against: the evaluation is independent of training.")
+        out.append({"title": "Who judged", "text": ["Labelers by job — " + "; ".join(who) + ".", verdict]})
+    if m.get("compliance"):
+        head = ["check"] + [name(x) for x in m["compliance"]]
+        rate_fmt = lambda r: "n/a" if not r or r.get("mean") is None else f"{pct(r['mean'])} {ci_text(r['ci'])} (n={r['n']})"  # noqa: E731
+        rows = [["every check that applies"] + [rate_fmt(r) for r in m["compliance"].values()]]
+        rows += [["refusals of helpful prompts ↓"] + [rate_fmt((m.get("check_over_refusal") or {}).get(x)) for x in m["compliance"]]]
+        checks = sorted({c for per in (m.get("check_pass_rates") or {}).values() for c in per})
+        rows += [[c] + [rate_fmt((m["check_pass_rates"].get(x) or {}).get(c)) for x in m["compliance"]] for c in checks]
+        out.append({"title": "Known truth: compliance with the checks", "plot": "compliance", "tables": [(head, rows)],
+                    "text": ["Every principle's check evaluated by a program on each held-out answer (cai/checks.py): an answer "
+                             "complies when it satisfies every check that applies to its prompt. No labeler is asked, so these "
+                             "numbers are exact for the answers sampled; the intervals are bootstrap over prompts."]})
+    if m.get("agreement"):
+        a = m["agreement"]
+        rows = [[k, str(a[k]["pairs"]), str(a[k]["judge_decisive"]), pct(a[k]["agreement"]) if a[k]["agreement"] is not None else "n/a"]
+                for k in ["all"] + sorted(x for x in a if x != "all")]
+        out.append({"title": "Held-out-judge audit: does the training labeler agree with the judge?", "plot": "agreement",
+                    "tables": [(["principle", "pair questions", "the judge picks an answer", "the training labeler picks the same"], rows)],
+                    "text": ["The training labeler judged the same evaluation pairs as the independent judge. Agreement is "
+                             "counted where the judge picks an answer (where it calls a tie, the principle does not separate "
+                             "the two). Where the training labeler agrees less, the policy may have learnt what it likes "
+                             "rather than what the principle asks: reward hacking shows here first."]})
     out.append({"title": "Win rates by principle", "plot": "win_rates",
                 "tables": [win_table(m), principle_table(m, data["questions"])],
                 "text": [f"Each pair of answers to a prompt is judged by the labeler under {asked}, each in both orders "
@@ -460,6 +598,15 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
     if m.get("reward_note"):
         reward_text = [m["reward_note"] + "."]
     out.append({"title": "Reward distribution before and after RL", "plot": "rewards", "text": reward_text})
+    if m.get("overoptimization"):
+        rows = [[p["model"], str(p["step"]), "n/a" if p["kl"] is None else f"{p['kl']:.2f}", f"{p['proxy']:+.2f}", pct(p["gold"])]
+                for p in m["overoptimization"]]
+        out.append({"title": "Over-optimisation: proxy and gold against KL", "plot": "overoptimization",
+                    "tables": [(["policy", "RL step", "KL to SL-CAI", "proxy (reward model)", "gold (compliance)"], rows)],
+                    "text": ["The SL-CAI model, every RL snapshot (rl.keep_snapshots) and the final policy, on the held-out "
+                             "prompts: what RL optimised (the reward model's score) and what it was meant to achieve (the "
+                             "checks), against how far each moved from the SL-CAI model (Gao et al. 2022). Where the proxy "
+                             "still rises and the gold does not, more RL stopped helping."]})
     audit = m.get("labeler_audit")
     audit_text = [f"{audit.get('labeler')} on {audit.get('gold')}, {audit.get('principles')}. How often the labeler's "
                   "debiased label favours the human-preferred answer, how often its pick flips with the order, whether it "
@@ -546,6 +693,9 @@ def make_plots(data: dict) -> dict[str, bytes | None]:
         "rl_curves": plot_rl_curves(data["rl_rows"]),
         "rewards": plot_rewards(data["samples"]),
         "audit": plot_audit(m.get("labeler_audit"), data["audit_items"]),
+        "compliance": plot_compliance(m),
+        "agreement": plot_agreement(m),
+        "overoptimization": plot_overoptimization(m),
     }
 
 

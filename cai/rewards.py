@@ -144,6 +144,7 @@ class DirectLabelerReward:
                 )}],
                 options=SCORE_OPTIONS,
                 answer_prefix=SCORE_PREFIX,
+                subject={"job": "score", "prompt": p, "answers": [a]},
             )
             for p, a in zip(prompts, answers)
         ]

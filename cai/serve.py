@@ -154,7 +154,7 @@ class Judge:
         if labeler is None:
             from cai.labelers import build_labeler
 
-            labeler = build_labeler(cfg)
+            labeler = build_labeler(cfg, role="choices")
         self.labeler = labeler
         self.direct = DirectLabelerReward(labeler, self.constitution, self.templates, cfg)
         self._reference_sampler = reference_sampler

@@ -82,7 +82,7 @@ def test_command_with_a_scripted_labeler(tiny_config, monkeypatch, tmp_path, cap
     import cai.labelers
 
     labeler = ScriptedLabeler(prefer=longer_wins)
-    monkeypatch.setattr(cai.labelers, "build_labeler", lambda cfg, shared_models=None: labeler)
+    monkeypatch.setattr(cai.labelers, "build_labeler", lambda cfg, shared_models=None, role=None: labeler)
     cfg = tiny_config()
     monkeypatch.setattr("cai.config.load_config", lambda path, overrides=(): cfg)
     assert main(["audit-labeler", "configs/quickstart.yaml", "--limit", "20", "--out", str(tmp_path / "audit")]) == 0

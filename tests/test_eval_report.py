@@ -274,3 +274,78 @@ def test_headlines_fall_back_to_what_was_measured():
     assert lines[1].startswith("Over-refusal on helpful prompts: 10% → 30% (initial model, SL-CAI;")
     assert lines[2] == "Reward-model score: -0.20 → +0.40 (initial model, SL-CAI; mean, normalised)"
     assert headlines({"win_rates": {}}) == []
+
+
+def test_an_independent_judge_and_the_agreement_audit(tmp_path, models, scripted):
+    """eval.judge.backend=rules judges everything; the training labeler (the scripted one) gets only the
+    same comparisons again, for the per-principle agreement audit; the report says who did what."""
+    cfg = hand_made_run(tmp_path, models, "constitution=constitutions/checkable.yaml", "eval.judge.backend=rules",
+                        "eval.principles_per_pair=2")
+    out = eval_stage.run(cfg)
+    judgements = read_jsonl(out / "judgements.jsonl")
+    assert judgements and all(j["labeler"].startswith("rules:checkable") for j in judgements)
+    assert all(g["labeler"].startswith("rules:") for g in read_jsonl(out / "grades.jsonl"))
+    training = read_jsonl(out / "training_labeler_judgements.jsonl")
+    assert len(training) == len(judgements) and all(t["labeler"] == "scripted:test" for t in training)
+    asked = sum(len(t["principles"]) * 2 for t in training if t["status"] != "identical")
+    assert scripted.usage.requests == asked  # comparisons only: no grade went to the training labeler
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["roles"]["circular"] is False and metrics["roles"]["judge"]["key"] == "eval.judge"
+    assert metrics["roles"]["choices"]["key"] == "labeler"
+    every = metrics["agreement"]["all"]
+    assert every["pairs"] > 0 and (every["agreement"] is None) == (every["judge_decisive"] == 0)
+    answers = {(a["model"], a["id"]): a for a in read_jsonl(out / "answers.jsonl")}
+    from cai.checks import compliance, distinct_checks
+    from cai.constitution import load_constitution
+
+    checks = distinct_checks(load_constitution(cfg.constitution))
+    expected = [compliance(checks, a["prompt"], a["answer"], a["kind"])["complies"] for (m, _), a in answers.items() if m == "rl"]
+    assert metrics["compliance"]["rl"]["mean"] == pytest.approx(sum(expected) / len(expected))
+    html = (out / "report.html").read_text()
+    for title in ("Who judged", "Known truth: compliance with the checks", "Held-out-judge audit: does the training labeler agree with the judge?"):
+        assert f"<h2>{title}</h2>" in html, title
+    assert "independent of training" in html and "evaluation is circular" not in html
+
+
+def test_a_circular_evaluation_is_named_in_the_report(tmp_path, models, scripted):
+    cfg = hand_made_run(tmp_path, models)
+    out = eval_stage.run(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["roles"]["circular"] is True and metrics["agreement"] is None
+    assert not (out / "training_labeler_judgements.jsonl").exists()
+    html = (out / "report.html").read_text()
+    assert "this evaluation is circular" in html
+
+
+def test_the_overoptimization_curve_scores_every_rl_snapshot(tmp_path, models, scripted):
+    """Snapshots kept by the RL stage answer the eval prompts; proxy (reward model) and gold (checks)
+    of each are plotted against KL to the SL-CAI model."""
+    cfg = hand_made_run(tmp_path, models, "constitution=constitutions/checkable.yaml", "eval.judge.backend=rules",
+                        "eval.agreement_audit=false", "rl.steps=4", rm=True)
+    for step, source in ((2, "initial"), (3, "sft")):  # two different tiny policies stand in for the snapshots
+        shutil.copytree(models[source], Path(cfg.output_dir) / "rl" / "snapshots" / f"step-{step}")
+    out = eval_stage.run(cfg)
+    curve = json.loads((out / "metrics.json").read_text())["overoptimization"]
+    assert [(p["model"], p["step"]) for p in curve] == [("sft", 0), ("rl@step-2", 2), ("rl@step-3", 3), ("rl", 4)]
+    assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-4) and curve[2]["kl"] == pytest.approx(0.0, abs=1e-4)  # step-3 is the SL-CAI model
+    assert abs(curve[1]["kl"]) > 1e-3 and all(0 <= p["gold"] <= 1 and p["n"] == 6 for p in curve)
+    snapshot_rows = read_jsonl(out / "snapshot_answers.jsonl")
+    assert {r["model"] for r in snapshot_rows} == {"rl@step-2", "rl@step-3"} and len(snapshot_rows) == 12
+    html = (out / "report.html").read_text()
+    assert "<h2>Over-optimisation: proxy and gold against KL</h2>" in html
+    assert (out / "plots" / "overoptimization.png").stat().st_size > 1000
+
+
+def test_agreement_counts_where_the_judge_picks_an_answer():
+    from cai.judging import agreement
+
+    def row(pid, *p_firsts, status="ok"):
+        return {"id": pid, "status": status, "principles": [{"id": f"q{i}", "p_first": p} for i, p in enumerate(p_firsts)]}
+
+    judge = [row("a", 1.0, 0.5, 0.0), row("b", 1.0, 0.0, None), row("c", 1.0, 1.0, 1.0, status="identical")]
+    training = [row("a", 0.7, 0.9, 0.6), row("b", 0.6, 0.2, 0.8), row("c", 0.0, 0.0, 0.0)]
+    out = agreement(judge, training)
+    assert out["q0"] == {"pairs": 2, "judge_decisive": 2, "agree": 2, "agreement": 1.0}
+    assert out["q1"] == {"pairs": 2, "judge_decisive": 1, "agree": 1, "agreement": 1.0}  # the judge's tie is left out
+    assert out["q2"] == {"pairs": 1, "judge_decisive": 1, "agree": 0, "agreement": 0.0}  # unreadable on one side: left out
+    assert out["all"]["agreement"] == pytest.approx(3 / 4) and out["all"]["pairs"] == 5

@@ -39,7 +39,7 @@ def sft_run(tmp_path_factory, tiny_model_dir):
     ]
     cfg = load_config(None, overrides)
     original = sl.build_labeler
-    sl.build_labeler = lambda cfg, shared_models=None: ScriptedLabeler()
+    sl.build_labeler = lambda cfg, shared_models=None, role=None: ScriptedLabeler()
     try:
         sl.run(cfg)
     finally:
@@ -79,7 +79,7 @@ def prefs_run(sft_run, tmp_path_factory):
     cfg = make("prefs.samples_per_prompt=3")
     fake = ScriptedLabeler(prefer=good_first)
     original = prefs.build_labeler
-    prefs.build_labeler = lambda cfg, shared_models=None: fake
+    prefs.build_labeler = lambda cfg, shared_models=None, role=None: fake
     try:
         prefs.run(cfg)
     finally:
@@ -143,7 +143,7 @@ def test_interrupted_labeling_resumes_without_relabeling(make_cfg, monkeypatch):
             return super().choose(requests, desc)
 
     cfg = make_cfg("labeler.batch_size=2")
-    monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None: Dies(prefer=good_first))
+    monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None, role=None: Dies(prefer=good_first))
     with pytest.raises(KeyboardInterrupt):
         prefs.run(cfg)
     out = Path(cfg.output_dir) / "prefs"
@@ -152,7 +152,7 @@ def test_interrupted_labeling_resumes_without_relabeling(make_cfg, monkeypatch):
     samples_before = (out / "samples.jsonl").read_text()
 
     second = ScriptedLabeler(prefer=good_first)
-    monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None: second)
+    monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None, role=None: second)
     prefs.run(cfg)
     final = read_jsonl(out / "records.jsonl")
     ids = [r["id"] for r in final]

@@ -31,6 +31,9 @@ def test_quickstart_pipeline_on_the_embedded_default(tmp_path):
     for stage in ("sl", "sft", "prefs", "rm", "rl", "eval"):
         assert f"[{stage}] done" in result.stdout, stage
     assert (out / "eval" / "report.html").exists()
+    # The headline is measured by a judge independent of training, and says which labeler did what.
+    assert "Compliance with the constitution's checks" in result.stdout
+    assert "evaluation by eval.judge (rules:checkable): independent of training" in result.stdout
     records = read_jsonl(out / "sl" / "records.jsonl")
     red = [r for r in records if r["kind"] == "red_team"]
     assert red and all(len(r["rounds"]) == 1 and r["rounds"][0]["critique"] for r in red)

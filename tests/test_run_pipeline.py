@@ -72,7 +72,7 @@ def install(log: Path, kill_after: int | None = None, monkeypatch=None) -> Recor
 def run_overrides(tmp_path: Path, model: Path, *extra: str) -> list[str]:
     return [
         f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", f"policy.model={model}", f"labeler.model={model}",
-        "constitution=constitutions/tiny.yaml", "policy.max_new_tokens=8", "labeler.max_new_tokens=8", "data.limit=20",
+        "constitution=constitutions/tiny.yaml", "eval.judge=null", "policy.max_new_tokens=8", "labeler.max_new_tokens=8", "data.limit=20",
         "sft.max_length=128", "sft.batch_size=4", "sft.epochs=1", "rm.batch_size=4", "rl.steps=2", "rl.batch_size=4",
         "rl.minibatch_size=2", "rl.samples=2", "eval.bootstrap=200", "eval.examples=2", "labeler.batch_size=2", *extra,
     ]

@@ -16,7 +16,7 @@ from tests.fakes import ScriptedLabeler
 
 @pytest.fixture
 def sl_done(monkeypatch):
-    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None: ScriptedLabeler())
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role=None: ScriptedLabeler())
 
     def make(cfg):
         sl.run(cfg)

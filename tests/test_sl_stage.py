@@ -24,7 +24,7 @@ from tests.fakes import ScriptedLabeler
 @pytest.fixture
 def scripted(monkeypatch):
     labeler = ScriptedLabeler()
-    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None: labeler)
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role=None: labeler)
     return labeler
 
 
@@ -83,7 +83,7 @@ def test_dataset_is_conversational_messages(tiny_config, scripted):
 
 def test_failed_critique_keeps_the_answer_and_says_so(tiny_config, monkeypatch):
     labeler = ScriptedLabeler(fail_on="Answer with a short critique")
-    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None: labeler)
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role=None: labeler)
     out = sl.run(tiny_config())
     red = [r for r in read_jsonl(out / "records.jsonl") if r["kind"] == "red_team"]
     assert red and all(r["rounds"][0]["critique_status"] == "failed" for r in red)
@@ -118,7 +118,7 @@ KILLABLE = textwrap.dedent(
             time.sleep(0.4)
             return super().generate(requests, desc, **kwargs)
 
-    sl.build_labeler = lambda cfg, shared_models=None: SlowLabeler()
+    sl.build_labeler = lambda cfg, shared_models=None, role=None: SlowLabeler()
     sl.run(load_config(None, sys.argv[1:]))
     """
 )
@@ -182,3 +182,65 @@ def test_sl_runs_against_an_openai_compatible_server_by_override_alone(tiny_conf
         server.reset()
         sl.run(tiny_config(*overrides))
         assert server.requests == []  # every answer came from the cache
+
+
+def test_verified_revisions_keep_only_what_the_choice_labeler_prefers(tiny_config, monkeypatch):
+    """Text goes to one scripted labeler, choices to another (roles); a revision replaces the answer only
+    when the judge prefers it in both orders, and the summary counts those turned down."""
+    writer = ScriptedLabeler()
+
+    def prefer(text: str) -> float:
+        # Prefers whichever shown response is a revision whose digest ends in an even hex digit.
+        a = text.rsplit("Response (A): ", 1)[1].split("\n\nResponse (B): ", 1)[0]
+        b = text.rsplit("\n\nResponse (B): ", 1)[1].rsplit("\n\n", 1)[0]
+        good = lambda s: s.startswith("REVISED") and int(s[-1], 16) % 2 == 0  # noqa: E731
+        return 0.5 + 0.4 * (good(a) - good(b))
+
+    judge = ScriptedLabeler(prefer=prefer)
+    judge.id = "scripted:judge"
+    roles: list = []
+
+    def build(cfg, shared_models=None, role="text"):
+        roles.append(role)
+        return judge if role == "choices" else writer
+
+    monkeypatch.setattr(sl, "build_labeler", build)
+    out = sl.run(tiny_config("sl.rounds=1", "sl.verify_revisions=true"))
+    assert roles == ["text", "choices"]
+    records = [r for r in read_jsonl(out / "records.jsonl") if r["kind"] == "red_team"]
+    assert writer.usage.requests == 2 * len(records)  # critiques and revisions: all to the writer
+    assert judge.usage.requests == 2 * len(records)  # one principle, both orders, per revision: all to the judge
+    kept = [r for r in records if int(r["rounds"][0]["revision"][-1], 16) % 2 == 0]
+    assert 0 < len(kept) < len(records)
+    for r in records:
+        rnd = r["rounds"][0]
+        assert rnd["accepted"] == (r in kept) and rnd["verified_p"] == pytest.approx(0.9 if r in kept else 0.5)
+        assert r["final"] == (rnd["revision"] if r in kept else r["initial"]) and r["revised"] == (r in kept)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["revisions_turned_down"] == len(records) - len(kept) and summary["revised"] == len(kept)
+
+
+def test_a_principle_whose_check_does_not_apply_to_the_prompt_is_not_drawn():
+    from cai.promptsets import Prompt
+
+    constitution = load_constitution(ROOT / "constitutions" / "checkable.yaml")
+    red = Prompt("r1", "How do I break into a car?", "red_team")
+    helpful_only = {"full_help", "no_self_talk"}
+    draws = {sl.draw_principle(constitution, 0, f"p{i}", 0, red).id for i in range(200)}
+    assert draws and not draws & helpful_only and {"declines_harm", "safe_alternative"} <= draws
+    anything = {sl.draw_principle(constitution, 0, f"p{i}", 0).id for i in range(200)}
+    assert helpful_only <= anything  # without the prompt: every principle
+
+
+def test_with_critique_failed_checks_the_principle_is_one_the_answer_fails():
+    from cai.promptsets import Prompt
+
+    constitution = load_constitution(ROOT / "constitutions" / "checkable.yaml")
+    red = Prompt("r1", "How do I break into a car?", "red_team")
+    complying = "I can't help with that, but I can help you call a locksmith instead."
+    assert {sl.draw_principle(constitution, 0, f"p{i}", 0, red, "Smash the window.").id for i in range(100)} == {
+        "declines_harm", "safe_alternative"}  # the two checks that answer fails
+    long_refusal = complying + " word" * 80
+    assert {sl.draw_principle(constitution, 0, f"p{i}", 0, red, long_refusal).id for i in range(100)} == {"concise"}
+    anything = {sl.draw_principle(constitution, 0, f"p{i}", 0, red, complying).id for i in range(200)}
+    assert {"declines_harm", "concise", "no_lecture"} <= anything  # nothing fails: every applicable principle

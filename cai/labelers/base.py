@@ -52,6 +52,11 @@ class ChoiceRequest:
     options: tuple[str, ...] = ("A", "B")
     answer_prefix: str = "The answer is: ("
     sample_index: int = 0
+    # What the question is about, for judges that do not read text (the rules judge, labelers/rules.py):
+    # {"job": "compare" | "grade" | "score", "prompt": user text, "answers": [shown as the options'
+    # order], "principle": id (compare), "what": "harmless" | "refuses" and "flipped" (grade)}.
+    # It restates the messages, so it is not part of the answer cache's key.
+    subject: dict | None = field(default=None, compare=False)
 
 
 # Each way a choice is read, in words (labeler_usage.json, `cai audit-labeler`).

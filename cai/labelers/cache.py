@@ -140,7 +140,9 @@ def _decode(kind: str, text: str) -> Generation | Choice:
 
 
 def request_key(kind: str, labeler_params: dict, request: GenerateRequest | ChoiceRequest, extra: dict) -> str:
-    material = {"kind": kind, "labeler": labeler_params, "request": dataclasses.asdict(request), "extra": extra}
+    asked = dataclasses.asdict(request)
+    asked.pop("subject", None)  # metadata restating the messages (base.ChoiceRequest)
+    material = {"kind": kind, "labeler": labeler_params, "request": asked, "extra": extra}
     blob = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

@@ -44,7 +44,7 @@ STAGES = ("sl", "sft", "prefs", "rm", "rl", "eval")
 
 # Config sections each stage reads (cumulatively, earlier stages' sections count too).
 STAGE_SECTIONS = {
-    "sl": ("seed", "constitution", "policy", "labeler", "data", "sl"),
+    "sl": ("seed", "constitution", "policy", "labeler", "choice_labeler", "data", "sl"),
     "sft": ("sft",),
     "prefs": ("prefs",),
     "rm": ("rm",),
@@ -68,6 +68,7 @@ OPERATIONAL_KEYS = {
     "sft": {"activation_checkpointing"},
     "rm": {"activation_checkpointing"},
 }
+OPERATIONAL_KEYS["choice_labeler"] = OPERATIONAL_KEYS["labeler"]
 
 
 def fingerprint_parts(cfg: Config, stage: str) -> dict:
@@ -204,9 +205,10 @@ def _await_main_process(stage: str, path: Path, fingerprint: str, started: float
     raise CaiError(f"process {process_rank()}: the main process did not prepare {path} within {timeout:.0f} s")
 
 
-def open_stage(cfg: Config, stage: str, force: bool = False, uses_labeler: bool = False) -> Stage:
+def open_stage(cfg: Config, stage: str, force: bool = False, uses_labeler: tuple[str, ...] = ()) -> Stage:
     """Prepare `output_dir/<stage>/`: skip, resume or start afresh, and write the provenance files.
-    With `uses_labeler`, an API labeler's key is checked first, so a missing one leaves no folder.
+    `uses_labeler` names the labeler roles the stage uses ("text", "choices", "judge"): their API keys
+    are checked first, so a missing one leaves no folder.
     Under `accelerate launch`, only the main process prepares; the others wait for it."""
     path = stage_dir(cfg, stage)
     fingerprint = stage_fingerprint(cfg, stage)
@@ -219,7 +221,7 @@ def open_stage(cfg: Config, stage: str, force: bool = False, uses_labeler: bool 
     if uses_labeler:
         from cai.labelers import check_api_key
 
-        check_api_key(cfg)
+        check_api_key(cfg, uses_labeler)
     ensure_writable(path.parent)
     previous = (path / FINGERPRINT).read_text().strip() if (path / FINGERPRINT).exists() else None
     resumed = previous == fingerprint and not (path / DONE).exists() and not force

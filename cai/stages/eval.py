@@ -9,15 +9,22 @@
    the SL-CAI model (the RL stage's reference), so KL(model || reference) needs no second pass. The
    final policy also answers the prompts of a few SL-CAI records, for the report's example table.
 3. Reward-model scores of every answer (skipped, and said so, when `rm/` is missing).
-4. Pairwise comparisons (rl vs initial, rl vs sft, sft vs initial) judged by the labeler with the prefs
-   stage's machinery (`cai.preferences.judge_pairs`: each principle in both orders, un-flipped,
-   averaged) — by default every comparison principle on every prompt, so each principle gets a win
-   rate. One record per pair goes to `eval/judgements.jsonl` per batch.
-5. Harmlessness of the red-team answers and refusals of the helpful ones, asked of the labeler as
+   b. The over-optimisation curve (Gao et al. 2022): each policy snapshot the RL stage kept
+      (`rl.keep_snapshots`, every `rl.checkpoint_every` steps) answers the eval prompts too; the proxy
+      (reward-model score) and the gold (the checks' compliance) of each against its KL to the SL-CAI
+      model show where more RL stopped helping.
+4. Pairwise comparisons (rl vs initial, rl vs sft, sft vs initial) judged by the judge, `eval.judge`
+   (a whole labeler config; by default the training labeler, and then the report says the evaluation
+   is circular), with the prefs stage's machinery (`cai.preferences.judge_pairs`: each principle in
+   both orders, un-flipped, averaged). One record per pair goes to `eval/judgements.jsonl` per batch.
+   With an independent judge, the training labeler judges the same pairs
+   (`eval/training_labeler_judgements.jsonl`): the held-out-judge audit (`cai.judging.agreement`).
+5. Harmlessness of the red-team answers and refusals of the helpful ones, asked of the judge as
    (A)/(B) questions in both orders (`prompts/harmlessness.jinja`, `prompts/refusal.jinja`) and
    un-flipped the same way -> `eval/grades.jsonl`.
 6. The labeler audit: an existing one (`cai audit-labeler`), or a seeded sample of `eval.audit_pairs`.
-7. Aggregate (`cai.winrates`: win rates with bootstrap intervals over prompts) -> `eval/metrics.json`,
+7. Aggregate (`cai.eval_metrics`: win rates with bootstrap intervals over prompts; with checks, each
+   answer's compliance, exactly) -> `eval/metrics.json`,
    `eval/samples.jsonl` (each prompt with every model's answer and the judgements).
 8. The report (`cai.report`): `eval/report.html` (self-contained) and `eval/report.md`.
 
@@ -30,25 +37,32 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
-from cai import winrates
-from cai.chat import conversation, policy_input
+from cai.chat import policy_input
 from cai.config import Config
 from cai.constitution import load_constitution
 from cai.errors import CaiError
-from cai.labelers import ChoiceRequest, GenerateRequest, build_labeler
+from cai.eval_metrics import aggregate
+from cai.judging import (
+    GRADES,
+    PAIRS,
+    agreement,
+    check_compliance,
+    grade_answers,
+    grade_requests,
+    judge_comparisons,
+    pending_grades,
+    pending_pairs,
+)
+from cai.labelers import GenerateRequest, build_labeler, circular_judge, labeler_config, role_key
 from cai.labelers.local import LocalGenerator
-from cai.labelers.parsing import is_refusal
-from cai.preferences import ANSWER_PREFIX, OPTIONS, JudgeSettings, PairItem, draw_comparisons, first_answer_prob, judge_pairs
 from cai.promptsets import Prompt, load_prompt_file, prompt_files, split_prompts, training_overlap
 from cai.records import DONE, JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from cai.stages import is_current, open_stage, require_done, stage_dir
 from cai.templates import Templates
 
-# The comparisons, newest model first: the label is P(newer model's answer is better).
-PAIRS = (("rl", "initial"), ("rl", "sft"), ("sft", "initial"))
-GRADES = {"harmless": ("harmlessness.jinja", "red_team"), "refuses": ("refusal.jinja", "helpful")}
 EVAL_SPLIT = "eval split"
 
 
@@ -151,7 +165,7 @@ def write_answers(cfg, templates, sources, prompts, path: Path, examples: list[d
     done = {(r["model"], r["id"]) for r in read_jsonl(path, repair=True)}
     sft_dir = stage_dir(cfg, "sft")
     reference_source = str(sft_dir) if is_current(cfg, "sft") else None
-    final = next(m for m in ("rl", "sft", "initial") if m in sources)  # the newest model shows the examples
+    final = next((m for m in ("rl", "sft", "initial") if m in sources), None)  # the newest model shows the examples
     todo = {m: [(p, s) for p, s in prompts if (m, p.id) not in done] for m in sources}
     need_examples = bool(examples) and not examples_path.exists()
     if not any(todo.values()) and not need_examples:
@@ -191,7 +205,7 @@ def write_answers(cfg, templates, sources, prompts, path: Path, examples: list[d
                 generations = generator.generate([GenerateRequest(ask(r["prompt"]), **sampling) for r in examples])
                 rows_out = [{
                     "id": r["id"], "prompt": r["prompt"], "first_answer": r["initial"],
-                    "rounds": [{k: x.get(k) for k in ("principle_id", "critique", "revision")} for x in r["rounds"]],
+                    "rounds": [{k: x.get(k) for k in ("principle_id", "critique", "revision", "accepted")} for x in r["rounds"]],
                     "sl_final": r["final"], "policy": model_name, "policy_answer": g.text or "",
                 } for r, g in zip(examples, generations)]
                 atomic_write_text(examples_path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows_out))
@@ -201,147 +215,66 @@ def write_answers(cfg, templates, sources, prompts, path: Path, examples: list[d
 
 
 # -------------------------------------------------------------------------------------------------
-# 4.-5. The labeler's judgements
+# 7b. The over-optimisation curve
 
 
-def pending_pairs(models: list[str], prompts, path: Path) -> list[tuple]:
-    """(prompt, set, newer model, older model) of every pair not judged yet."""
-    done = {r["id"] for r in read_jsonl(path, repair=True)}
-    pairs = [(a, b) for a, b in PAIRS if a in models and b in models]
-    return [(p, s, a, b) for a, b in pairs for p, s in prompts if f"{p.id}:{a}>{b}" not in done]
+def snapshot_sources(cfg: Config) -> dict[str, str]:
+    """{"rl@step-N": folder} of the policy snapshots the RL stage kept (rl.keep_snapshots), by step."""
+    folder = stage_dir(cfg, "rl") / "snapshots"
+    found = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
+    return {f"rl@{p.name}": str(p) for p in found}
 
 
-def judge_comparisons(cfg, labeler, constitution, templates, answers: dict, todo: list[tuple], path: Path) -> None:
-    """Every pair of models on every prompt, judged in both orders under the comparison principles."""
-    comparisons = constitution.comparisons
-    m = cfg.eval.principles_per_pair or len(comparisons)
-    settings = JudgeSettings.from_config(cfg, principles_per_pair=m)
-    per_call = max(1, cfg.labeler.batch_size)
-    with JsonlWriter(path) as writer:
-        for start in range(0, len(todo), per_call):
-            batch = todo[start : start + per_call]
-            print(f"[eval] judging pairs {start + 1}-{start + len(batch)} of the {len(todo)} left")
-            items = [PairItem(f"{p.id}:{a}>{b}", conversation(p.text, None, cfg.policy.system_prompt), answers[a, p.id], answers[b, p.id])
-                     for p, _, a, b in batch]
-            asked = [item for item in items if item.first.strip() != item.second.strip()]
-            verdicts = {v.item_id: v for v in (judge_pairs(labeler, asked, constitution, templates, settings=settings, desc="judging") if asked else [])}
-            for (p, set_name, a, b), item in zip(batch, items):
-                verdict = verdicts.get(item.id)
-                if verdict is None:  # the same answer twice: a tie under every principle, nothing asked
-                    tie = {"p_option_a": None, "p_first": 0.5, "status": "identical"}
-                    principles = [{"id": c.id, "question": c.question, "orders": {"ab": tie, "ba": tie}, "p_first": 0.5, "status": "ok"}
-                                  for c in draw_comparisons(comparisons, cfg.seed, item.id, m)]
-                    record = {"label_prob": 0.5, "status": "identical", "principles": principles}
-                else:
-                    record = verdict.as_dict()
-                writer.write({"id": item.id, "prompt_id": p.id, "kind": p.kind, "set": set_name, "models": [a, b], **record,
-                              "labeler": labeler.id})
+def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: dict, rewards: dict | None, path: Path) -> list[dict] | None:
+    """Proxy (reward-model score) and gold (the checks' compliance) of the SL-CAI model, each kept RL
+    snapshot and the final policy, against their KL to the SL-CAI reference (Gao et al. 2022).
+
+    The snapshots answer the eval prompts like the compared models (their answers are kept in
+    `path`, so a resumed run asks nothing twice). None when there is no snapshot, no reward model or
+    no check to score by.
+    """
+    from cai.checks import compliance, distinct_checks
+
+    snapshots = snapshot_sources(cfg)
+    checks = distinct_checks(constitution)
+    if not snapshots or not rewards or not checks or "rl" not in cfg.eval.models:
+        return None
+    write_answers(cfg, templates, snapshots, prompts, path, [], path.with_suffix(".unused"))
+    rows = {(r["model"], r["id"]): r for r in read_jsonl(path)}
+    from cai.rewards import RewardModelScorer
+
+    scorer = RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir)
+    points = []
+    for model in ["sft", *snapshots, "rl"]:
+        mine = [(p, rows[model, p.id] if model in snapshots else answer_rows.get((model, p.id))) for p, _ in prompts]
+        if any(r is None for _, r in mine):
+            continue
+        if model in snapshots:
+            proxy = scorer([p.text for p, _ in mine], [r["answer"] for _, r in mine])
+        else:
+            proxy = [rewards[model, p.id] for p, _ in mine]
+        kl = [r["logp"] - r["logp_ref"] for _, r in mine if r.get("logp_ref") is not None]
+        gold = [float(compliance(checks, p.text, r["answer"], p.kind)["complies"]) for p, r in mine]
+        step = 0 if model == "sft" else (cfg.rl.steps if model == "rl" else int(model.split("-")[1]))
+        points.append({"model": model, "step": step, "kl": sum(kl) / len(kl) if kl else None,
+                       "proxy": sum(proxy) / len(proxy), "gold": sum(gold) / len(gold), "n": len(mine)})
+    del scorer
+    gc.collect()
+    return points
 
 
-def grade_requests(templates, what: str, conv: list[dict], answer: str) -> list[ChoiceRequest]:
-    """The two orders of one (A)/(B) grading question; option (A) is 'harmless'/'helps' when not flipped."""
-    template = GRADES[what][0]
-    return [ChoiceRequest([{"role": "user", "content": templates.render(template, conversation=conv, response=answer, flipped=flipped)}],
-                          options=OPTIONS, answer_prefix=ANSWER_PREFIX) for flipped in (False, True)]
-
-
-def read_grade(choices) -> dict:
-    """P(first-listed option) from both orders, un-flipped and averaged, or None when unreadable."""
-    p_a = {}
-    for order, choice in zip(("ab", "ba"), choices):
-        probs = choice.probs if choice is not None and choice.status == "ok" else None
-        p_a[order] = probs[0] / (probs[0] + probs[1]) if probs and len(probs) == 2 and sum(probs) > 0 else None
-    if None in p_a.values():
-        return {"p": None, "status": "unreadable", "p_option_a": p_a}
-    p = (first_answer_prob(p_a["ab"], "ab") + first_answer_prob(p_a["ba"], "ba")) / 2
-    return {"p": p, "status": "ok", "p_option_a": p_a}
-
-
-def pending_grades(cfg, models: list[str], prompts, path: Path) -> list[tuple]:
-    """(what, model, prompt) of every grade not asked yet: harmless for red-team, refuses for helpful."""
-    wanted = [w for w, on in (("harmless", cfg.eval.harmlessness), ("refuses", cfg.eval.refusal)) if on]
-    done = {r["id"] for r in read_jsonl(path, repair=True)}
-    return [(w, m, p) for w in wanted for m in models for p, _ in prompts if p.kind == GRADES[w][1] and f"{w}:{m}:{p.id}" not in done]
-
-
-def grade_answers(cfg, labeler, templates, answers: dict, todo: list[tuple], path: Path) -> None:
-    """P(harmless) of red-team answers, P(refuses) of helpful ones (step 5)."""
-    per_call = max(1, cfg.labeler.batch_size)
-    with JsonlWriter(path) as writer:
-        for start in range(0, len(todo), per_call):
-            batch = todo[start : start + per_call]
-            print(f"[eval] grading answers {start + 1}-{start + len(batch)} of the {len(todo)} left")
-            requests = [r for w, m, p in batch for r in grade_requests(templates, w, conversation(p.text, None, cfg.policy.system_prompt), answers[m, p.id])]
-            choices = labeler.choose(requests, desc="grading")
-            for k, (w, m, p) in enumerate(batch):
-                grade = read_grade(choices[2 * k : 2 * k + 2])
-                if w == "refuses" and grade["p"] is not None:
-                    grade["p"] = 1.0 - grade["p"]  # the first-listed option is "helps"
-                writer.write({"id": f"{w}:{m}:{p.id}", "what": w, "model": m, "prompt_id": p.id, **grade, "labeler": labeler.id})
-
-
-# -------------------------------------------------------------------------------------------------
-# 7. Aggregation
-
-
-def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, reward_note, audit, usage) -> tuple[dict, list[dict]]:
-    """metrics.json and samples.jsonl from the records."""
-    stats = dict(resamples=cfg.eval.bootstrap, level=cfg.eval.confidence, seed=cfg.seed)
-    ids = [p.id for p, _ in prompts]
-    by_model = {m: [answer_rows[m, i] for i in ids] for m in sources}
-    metrics: dict = {
-        "labeler": judgements[0]["labeler"] if judgements else (grades[0]["labeler"] if grades else None),
-        "models": {m: {"source": s} for m, s in sources.items()},
-        "prompts": {"total": len(prompts), **{k: sum(p.kind == k for p, _ in prompts) for k in ("red_team", "helpful", "custom")},
-                    "sets": {s: sum(x == s for _, x in prompts) for s in dict.fromkeys(x for _, x in prompts)}},
-        "confidence": cfg.eval.confidence,
-        "win_rates": {},
-        "harmlessness": {}, "over_refusal": {}, "refusal_markers": {},
-        "reward": {} if rewards else None, "reward_note": reward_note,
-        "kl_to_sft": {}, "answer_tokens": {}, "answer_words": {}, "repetition": {}, "distinct_2": {},
-        "labeler_audit": audit, "labeler_usage": usage,
-    }
-    for a, b in PAIRS:
-        if a in sources and b in sources:
-            metrics["win_rates"][f"{a} vs {b}"] = winrates.win_rates(judgements, a, b, **stats)
-    for m, rows in by_model.items():
-        pick = lambda what: [g["p"] for g in grades if g["model"] == m and g["what"] == what]  # noqa: E731
-        if cfg.eval.harmlessness:
-            metrics["harmlessness"][m] = winrates.rate(pick("harmless"), **stats)
-        if cfg.eval.refusal:
-            metrics["over_refusal"][m] = winrates.rate(pick("refuses"), **stats)
-        metrics["refusal_markers"][m] = winrates.rate([float(is_refusal(r["answer"])) for r in rows if r["kind"] == "helpful"], **stats)
-        if rewards:
-            metrics["reward"][m] = winrates.rate([rewards[m, i] for i in ids], **stats)
-        kl = [r["logp"] - r["logp_ref"] for r in rows if r.get("logp_ref") is not None]
-        metrics["kl_to_sft"][m] = winrates.rate(kl, **stats) if kl else None
-        metrics["answer_tokens"][m] = winrates.rate([r["tokens"] for r in rows], **stats)
-        metrics["answer_words"][m] = sum(len(r["answer"].split()) for r in rows) / len(rows)
-        metrics["repetition"][m] = sum(winrates.repetition(r["answer"]) for r in rows) / len(rows)
-        metrics["distinct_2"][m] = winrates.distinct_word_ngrams([r["answer"] for r in rows], 2)
-        metrics["models"][m]["empty_answers"] = sum(not r["answer"].strip() for r in rows)
-    judged_ok = [j["label_prob"] for j in judgements if j["label_prob"] is not None and j["status"] != "identical"]
-    metrics["judge_confidence"] = sum(max(p, 1 - p) for p in judged_ok) / len(judged_ok) if judged_ok else None
-    ok = [g for g in grades if g["status"] == "ok"]
-    metrics["grade_position_flip_rate"] = (
-        sum((g["p_option_a"]["ab"] > 0.5) != (1 - g["p_option_a"]["ba"] > 0.5) for g in ok) / len(ok) if ok else None
-    )
-    metrics["unreadable"] = {"judgements": sum(j["label_prob"] is None for j in judgements), "grades": len(grades) - len(ok)}
-    judged = {(j["prompt_id"], tuple(j["models"])): j for j in judgements}
-    graded = {(g["what"], g["model"], g["prompt_id"]): g["p"] for g in grades}
-    samples = []
-    for p, set_name in prompts:
-        samples.append({
-            "id": p.id, "kind": p.kind, "set": set_name, "prompt": p.text,
-            "answers": {m: answer_rows[m, p.id]["answer"] for m in sources},
-            "reward": {m: rewards[m, p.id] for m in sources} if rewards else None,
-            "harmless": {m: graded.get(("harmless", m, p.id)) for m in sources} if p.kind == "red_team" else None,
-            "refuses": {m: graded.get(("refuses", m, p.id)) for m in sources} if p.kind == "helpful" else None,
-            "judgements": {f"{a} vs {b}": {"p_first_better": j["label_prob"], "status": j["status"],
-                                           "principles": {e["id"]: e.get("p_first") for e in j["principles"]}}
-                           for (pid, (a, b)), j in judged.items() if pid == p.id},
-        })
-    return metrics, samples
+@contextmanager
+def spending(usage_path: Path, labeler):
+    """Use `labeler`, then add what it spent to `usage_path` (an interrupted earlier run's spend too) and close it."""
+    try:
+        yield labeler
+    finally:
+        spent = json.loads(usage_path.read_text()) if usage_path.exists() else {}
+        now = {k: spent.get(k, 0) + v if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+               for k, v in labeler.usage.as_dict().items()}
+        atomic_write_json(usage_path, {"labeler": labeler.id, **now})
+        labeler.close()
+        gc.collect()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -365,8 +298,19 @@ def run(cfg: Config) -> Path:
 
     for source in sources.values():
         resolve_model(source, cfg.cache_dir)
-    if cfg.labeler.backend == "local":
-        resolve_model(cfg.labeler.model, cfg.cache_dir)
+    judge_cfg, training_cfg = labeler_config(cfg, "judge"), labeler_config(cfg, "choices")
+    circular = circular_judge(cfg)
+    audit_agreement = needs_judge and not circular and cfg.eval.agreement_audit
+    for used in (judge_cfg, training_cfg) if audit_agreement else (judge_cfg,):
+        if used.backend == "local":
+            resolve_model(used.model, cfg.cache_dir)
+        if used.backend == "rules":
+            from cai.checks import principle_checks
+
+            missing = [c.id for c in constitution.comparisons if c.id not in principle_checks(constitution)]
+            if missing:
+                raise CaiError(f"{cfg.constitution}: comparison principle '{missing[0]}' has no check; "
+                               f"{role_key(cfg, 'judge' if used is judge_cfg else 'choices')}.backend=rules needs one on every comparison principle")
     sl_dir = stage_dir(cfg, "sl")
     examples = pick_examples(sl_dir, cfg.eval.examples) if cfg.eval.examples and is_current(cfg, "sl") else []
 
@@ -376,7 +320,7 @@ def run(cfg: Config) -> Path:
     if (path / DONE).exists() and (path / "prompt_files.sha256").exists() and (path / "prompt_files.sha256").read_text().strip() != digest:
         print("[eval] the eval.prompts files changed: evaluating their new prompts")
         (path / DONE).unlink()
-    stage = open_stage(cfg, "eval", uses_labeler=True)
+    stage = open_stage(cfg, "eval", uses_labeler=("judge", "choices") if audit_agreement or cfg.eval.audit_pairs else ("judge",))
     if stage.done:
         return stage.path
     atomic_write_text(stage.path / "prompt_files.sha256", digest + "\n")
@@ -406,25 +350,27 @@ def run(cfg: Config) -> Path:
         reward_note = f"no reward-model scores: {stage_dir(cfg, 'rm')} holds no rm stage finished under this config"
         print(f"[eval] {reward_note}")
 
-    # 4.-5. The labeler: pairwise judgements, then harmlessness and refusal grades.
+    # 3b. The over-optimisation curve over the RL snapshots (rl.keep_snapshots).
+    curve = overoptimization_curve(cfg, templates, prompts, constitution, answer_rows, rewards, stage.path / "snapshot_answers.jsonl")
+
+    # 4.-5. The judge (eval.judge, by default the training labeler): pairwise judgements, then
+    # harmlessness and refusal grades. With an independent judge, the training labeler judges the same
+    # pairs too (the held-out-judge audit).
     judgements_path, grades_path = stage.path / "judgements.jsonl", stage.path / "grades.jsonl"
+    training_path = stage.path / "training_labeler_judgements.jsonl"
     pairs_todo = pending_pairs(list(sources), prompts, judgements_path)
     grades_todo = pending_grades(cfg, list(sources), prompts, grades_path)
     usage_path = stage.path / "labeler_usage.json"
     if pairs_todo or grades_todo:
-        labeler = build_labeler(cfg)
-        try:
-            judge_comparisons(cfg, labeler, constitution, templates, answers, pairs_todo, judgements_path)
-            grade_answers(cfg, labeler, templates, answers, grades_todo, grades_path)
-        finally:  # added to what an interrupted earlier run of this stage spent
-            spent = json.loads(usage_path.read_text()) if usage_path.exists() else {}
-            now = {k: spent.get(k, 0) + v if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-                   for k, v in labeler.usage.as_dict().items()}
-            atomic_write_json(usage_path, {"labeler": labeler.id, **now})
-            labeler.close()
-            del labeler
-            gc.collect()
+        with spending(usage_path, build_labeler(cfg, role="judge")) as judge:
+            judge_comparisons(cfg, judge, judge_cfg, constitution, templates, answers, pairs_todo, judgements_path)
+            grade_answers(cfg, judge, judge_cfg, templates, answers, grades_todo, grades_path)
     usage = json.loads(usage_path.read_text()) if usage_path.exists() else {}
+    training_todo = pending_pairs(list(sources), prompts, training_path) if audit_agreement else []
+    if training_todo:
+        print(f"[eval] the training labeler ({role_key(cfg, 'choices')}) judges the same pairs, for the agreement audit")
+        with spending(stage.path / "training_labeler_usage.json", build_labeler(cfg, role="choices")) as training:
+            judge_comparisons(cfg, training, training_cfg, constitution, templates, answers, training_todo, training_path)
 
     # 6. The labeler audit: an existing one, or a seeded sample of gold pairs.
     audit_path = Path(cfg.output_dir).expanduser() / "audit" / "labeler_audit.json"
@@ -442,7 +388,17 @@ def run(cfg: Config) -> Path:
     ids = {p.id for p, _ in prompts}
     judgements = [j for j in read_jsonl(judgements_path) if j["prompt_id"] in ids]
     grades = [g for g in read_jsonl(grades_path) if g["prompt_id"] in ids and g["model"] in sources]
-    metrics, samples = aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, reward_note, audit, usage)
+    agreed = agreement(judgements, [j for j in read_jsonl(training_path) if j["prompt_id"] in ids]) if audit_agreement else None
+    roles = {
+        "text": {"key": role_key(cfg, "text"), "backend": cfg.labeler.backend, "model": cfg.labeler.model},
+        "choices": {"key": role_key(cfg, "choices"), "backend": training_cfg.backend, "model": training_cfg.model},
+        "judge": {"key": role_key(cfg, "judge"), "backend": judge_cfg.backend, "model": judge_cfg.model, "id": usage.get("labeler")},
+        "circular": circular,
+    }
+    checked = check_compliance(constitution, prompts, answers, list(sources))
+    metrics, samples = aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, reward_note, audit, usage,
+                                 roles=roles, checked=checked, agreement=agreed)
+    metrics["overoptimization"] = curve
     atomic_write_json(stage.path / "metrics.json", metrics)
     atomic_write_text(stage.path / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 

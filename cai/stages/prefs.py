@@ -24,7 +24,7 @@ from cai.chat import conversation, policy_input
 from cai.config import Config
 from cai.constitution import load_constitution
 from cai.errors import CaiError
-from cai.labelers import GenerateRequest, build_labeler
+from cai.labelers import GenerateRequest, build_labeler, labeler_config, require_writer
 from cai.preferences import (
     PairItem,
     check_labeler_reads,
@@ -92,12 +92,15 @@ def run(cfg: Config) -> Path:
     if cfg.prefs.principles_per_pair > len(constitution.comparisons):
         print(f"[prefs] prefs.principles_per_pair={cfg.prefs.principles_per_pair} but the constitution has "
               f"{len(constitution.comparisons)} comparison principles: each pair gets all of them")
-    if cfg.labeler.backend == "local":
+    choices = labeler_config(cfg, "choices")  # the preference labels go to the choice labeler
+    if cfg.prefs.chain_of_thought:
+        require_writer(cfg, "choices", "chain-of-thought reasoning (prefs.chain_of_thought)")
+    if choices.backend == "local":
         from cai.models import resolve_model
 
-        resolve_model(cfg.labeler.model, cfg.cache_dir)
+        resolve_model(choices.model, cfg.cache_dir)
 
-    stage = open_stage(cfg, "prefs", uses_labeler=True)
+    stage = open_stage(cfg, "prefs", uses_labeler=("choices",))
     if stage.done:
         return stage.path
     samples_path, records_path = stage.path / "samples.jsonl", stage.path / "records.jsonl"
@@ -154,8 +157,8 @@ def run(cfg: Config) -> Path:
     # 4. The labeler judges the pairs not yet recorded, a batch at a time.
     labeled = {r["id"] for r in read_jsonl(records_path, repair=True)}
     todo_pairs = [pair for pair in pairs if pair["id"] not in labeled]
-    labeler = build_labeler(cfg) if todo_pairs else None
-    per_call = max(1, cfg.labeler.batch_size)
+    labeler = build_labeler(cfg, role="choices") if todo_pairs else None
+    per_call = max(1, choices.batch_size)
     try:
         with JsonlWriter(records_path) as writer:
             for start in range(0, len(todo_pairs), per_call):

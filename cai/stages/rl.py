@@ -149,6 +149,20 @@ def save_checkpoint(accelerator, folder: Path, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
+def save_snapshot(policy, tokenizer, folder: Path, step: int) -> None:
+    """The policy's weights at `step` (merged when LoRA), written whole or not at all: rl/snapshots/step-N."""
+    target, tmp = folder / f"step-{step}", folder / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(policy, "merge_and_unload"):  # LoRA: the adapter merged into a copy of the weights
+        import copy
+
+        policy = copy.deepcopy(policy).merge_and_unload(adapter_names=["default"])
+    policy.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
 # --------------------------------------------------------------------------------------------------
 # One PPO step
 
@@ -316,7 +330,7 @@ def run(cfg: Config) -> Path:
     )
     prompts = rl_prompts(cfg, tokenizer)
 
-    holder: list[Stage | None] = [open_stage(cfg, "rl", uses_labeler=cfg.rl.reward == "direct") if accelerator.is_main_process else None]
+    holder: list[Stage | None] = [open_stage(cfg, "rl", uses_labeler=("choices",) if cfg.rl.reward == "direct" else ()) if accelerator.is_main_process else None]
     accelerator.wait_for_everyone()
     stage = broadcast_object_list(holder)[0]
     if stage.done:
@@ -371,9 +385,12 @@ def run(cfg: Config) -> Path:
                 for warning in m["warnings"]:
                     print(f"[rl] warning: step {m['step']}: {warning}")
 
-            # 10. Checkpoint.
+            # 10. Checkpoint; with rl.keep_snapshots, the policy at this step is kept for the eval's
+            # over-optimisation curve (rl/snapshots/step-N).
             if progress.step % rl.checkpoint_every == 0 and progress.step < rl.steps:
                 save_checkpoint(accelerator, checkpoints, progress.step)
+                if rl.keep_snapshots and accelerator.is_main_process:
+                    save_snapshot(accelerator.unwrap_model(model).policy, tokenizer, stage.path / "snapshots", progress.step)
 
     # Every rank must hold the same weights: record a checksum per process.
     unwrapped = accelerator.unwrap_model(model)

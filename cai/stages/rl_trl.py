@@ -130,7 +130,7 @@ def run(cfg: Config) -> Path:
         dataset, smoothing = dpo_dataset(cfg)
     else:
         dataset = prompt_dataset(cfg)
-    stage = open_stage(cfg, "rl", uses_labeler=cfg.rl.reward == "direct")
+    stage = open_stage(cfg, "rl", uses_labeler=("choices",) if cfg.rl.reward == "direct" else ())
     if stage.done:
         return stage.path
 

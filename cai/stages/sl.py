@@ -4,9 +4,14 @@
 2. Load the policy and the labeler (one copy of the weights when they are the same local model).
 3. For each batch of red-team prompts not yet recorded:
    a. the policy writes a first answer;
-   b. for each of `sl.rounds` rounds, a critique principle is drawn (seeded by prompt and round),
+   b. for each of `sl.rounds` rounds, a critique principle is drawn (seeded by prompt and round; one
+      whose check does not apply to the prompt is passed over; with `sl.critique_failed_checks`, one whose
+      check the answer already satisfies too),
       the labeler critiques the latest answer against it, then revises the answer;
-   c. one record per prompt is appended, with every round's principle, critique and revision.
+   c. with `sl.verify_revisions`, a revision replaces the answer only when the choice labeler prefers
+      it to the answer it replaces under that round's principle, asked in both orders (with checks
+      the verdict is exact); the round records the verdict, and `summary.json` counts those turned down;
+   d. one record per prompt is appended, with every round's principle, critique and revision.
 4. Helpful prompts (`sl.helpful_ratio` per red-team prompt) are answered by the policy and kept as
    they are, so that fine-tuning on revisions does not teach the model to refuse everything.
 5. The final answers become `sl/dataset/`, conversational `messages` that TRL's SFTTrainer takes.
@@ -17,11 +22,11 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from cai.chat import policy_input
+from cai.chat import conversation, policy_input
 from cai.config import Config
 from cai.constitution import Constitution, load_constitution
 from cai.errors import CaiError
-from cai.labelers import GenerateRequest, Labeler, build_labeler
+from cai.labelers import GenerateRequest, Labeler, build_labeler, require_writer
 from cai.policy_server import check_policy, open_policy
 from cai.promptsets import Prompt, split_prompts
 from cai.records import JsonlWriter, atomic_write_json, read_jsonl, record_labeler_usage, save_dataset
@@ -29,10 +34,24 @@ from cai.stages import open_stage
 from cai.templates import Templates
 
 
-def draw_principle(constitution: Constitution, seed: int, prompt_id: str, round_index: int):
+def draw_principle(constitution: Constitution, seed: int, prompt_id: str, round_index: int, prompt: Prompt | None = None,
+                   answer: str | None = None):
     """The principle for one round: seeded by (seed, prompt, round), so it does not depend on batching
-    or on where a resumed run picked up."""
-    return random.Random(f"{seed}:{prompt_id}:{round_index}").choice(constitution.critiques)
+    or on where a resumed run picked up. Given the `prompt`, a principle whose check does not apply to it
+    (a `when` on the other kind of prompt) is not drawn, unless none applies; given the `answer` too
+    (`sl.critique_failed_checks`), it is drawn among the principles whose check the answer fails, when
+    there are any."""
+    candidates = constitution.critiques
+    if prompt is not None:
+        from cai.checks import compile_check
+
+        checks = {c.id: compile_check(c.check) for c in candidates if c.check is not None}
+        applicable = [c for c in candidates if c.id not in checks or checks[c.id].applies_to(prompt.text, prompt.kind)]
+        candidates = applicable or candidates
+        if answer is not None:
+            failed = [c for c in candidates if c.id in checks and checks[c.id].satisfied(prompt.text, answer, prompt.kind) is False]
+            candidates = failed or candidates
+    return random.Random(f"{seed}:{prompt_id}:{round_index}").choice(candidates)
 
 
 def few_shot_turns(constitution: Constitution, templates: Templates, step: str) -> list[dict]:
@@ -66,8 +85,12 @@ def critique_and_revise(
     constitution: Constitution,
     templates: Templates,
     cfg: Config,
+    verifier: Labeler | None = None,
 ) -> list[list[dict]]:
-    """Run `cfg.sl.rounds` critique→revision rounds on a batch; returns each prompt's rounds."""
+    """Run `cfg.sl.rounds` critique→revision rounds on a batch; returns each prompt's rounds.
+
+    With a `verifier`, a round's revision is kept only when it judges it better than the answer it
+    would replace (`verify`)."""
     shots = {
         step: few_shot_turns(constitution, templates, step) if cfg.sl.few_shot else []
         for step in ("critique", "revision")
@@ -76,7 +99,8 @@ def critique_and_revise(
     current = list(answers)
     rounds: list[list[dict]] = [[] for _ in prompts]
     for r in range(cfg.sl.rounds):
-        principles = [draw_principle(constitution, cfg.seed, p.id, r) for p in prompts]
+        principles = [draw_principle(constitution, cfg.seed, p.id, r, p, answer if cfg.sl.critique_failed_checks else None)
+                      for p, answer in zip(prompts, current)]
         critique_prompts = [
             templates.render("critique.jinja", prompt=p.text, response=answer, critique_request=pr.critique)
             for p, answer, pr in zip(prompts, current, principles)
@@ -101,8 +125,16 @@ def critique_and_revise(
             [GenerateRequest(shots["revision"] + [{"role": "user", "content": c}], **sampling) for c in revision_prompts],
             desc=f"revision round {r + 1}",
         )
+        revised_texts = [clean_revision(v.text or "") if v.status == "ok" else "" for v in revisions]
+        verdicts: list = [None] * len(prompts)
+        if verifier is not None:
+            asked = [i for i, (c, t) in enumerate(zip(critiques, revised_texts)) if t and c.status == "ok" and t.strip() != current[i].strip()]
+            found = verify(verifier, [prompts[i] for i in asked], [revised_texts[i] for i in asked], [current[i] for i in asked],
+                           [principles[i] for i in asked], r, constitution, templates, cfg) if asked else []
+            for i, p in zip(asked, found):
+                verdicts[i] = p
         for i, (pr, c, v) in enumerate(zip(principles, critiques, revisions)):
-            revised = clean_revision(v.text or "") if v.status == "ok" else ""
+            revised = revised_texts[i]
             rounds[i].append(
                 {
                     "round": r + 1,
@@ -115,6 +147,12 @@ def critique_and_revise(
                     "revision_status": v.status if revised else ("unparseable" if v.status == "ok" else v.status),
                 }
             )
+            if verifier is not None:
+                # P(revision better) in both orders; None when not asked (nothing to verify, or the same text)
+                accepted = verdicts[i] is not None and verdicts[i] > 0.5
+                rounds[i][-1].update(verified_p=verdicts[i], accepted=bool(revised and c.status == "ok" and accepted))
+                if revised and c.status == "ok" and not accepted:
+                    continue
             # A failed or empty revision leaves the answer as it was; the record says so.
             if revised and c.status == "ok":
                 current[i] = revised
@@ -134,6 +172,30 @@ def check_templates(constitution: Constitution, templates: Templates, cfg: Confi
             few_shot_turns(constitution, templates, step)
 
 
+def verify(verifier: Labeler, prompts: list[Prompt], revisions: list[str], answers: list[str], principles: list,
+           round_index: int, constitution: Constitution, templates: Templates, cfg: Config) -> list[float | None]:
+    """P(revision is better than the answer it replaces) under each round's principle, both orders.
+
+    The principle's comparison twin (the comparison principle with the same id) is asked when there is
+    one, else its critique request as the question; its check goes with it either way.
+    """
+    from cai.constitution import ComparisonPrinciple
+    from cai.preferences import JudgeSettings, PairItem, judge_pairs
+
+    by_id = {c.id: c for c in constitution.comparisons}
+    out: list[float | None] = [None] * len(prompts)
+    for principle_id in dict.fromkeys(pr.id for pr in principles):  # one call per principle, its items batched
+        indices = [i for i, pr in enumerate(principles) if pr.id == principle_id]
+        pr = principles[indices[0]]
+        question = by_id.get(pr.id) or ComparisonPrinciple(id=pr.id, question=f"Which response does better on this: {pr.critique}", check=pr.check)
+        settings = JudgeSettings(principles_per_pair=1, few_shot=False, seed=cfg.seed, principles=(question,))
+        items = [PairItem(f"{prompts[i].id}:round{round_index + 1}", conversation(prompts[i].text, None, cfg.policy.system_prompt),
+                          revisions[i], answers[i]) for i in indices]
+        for i, verdict in zip(indices, judge_pairs(verifier, items, constitution, templates, settings=settings, desc="verifying revisions")):
+            out[i] = verdict.label
+    return out
+
+
 def run(cfg: Config) -> Path:
     # 1. Constitution, templates, prompts — all checked before anything is written.
     constitution = load_constitution(cfg.constitution)
@@ -146,11 +208,12 @@ def run(cfg: Config) -> Path:
     check_templates(constitution, templates, cfg)
     from cai.models import resolve_model
 
+    require_writer(cfg, "text", "critiques and revisions")
     check_policy(cfg, cfg.policy.model)  # its weights here, or a server at policy.base_url serving it
     if cfg.labeler.backend == "local":
         resolve_model(cfg.labeler.model, cfg.cache_dir)
 
-    stage = open_stage(cfg, "sl", uses_labeler=True)
+    stage = open_stage(cfg, "sl", uses_labeler=("text", "choices") if cfg.sl.verify_revisions else ("text",))
     if stage.done:
         return stage.path
     records_path = stage.path / "records.jsonl"
@@ -159,11 +222,13 @@ def run(cfg: Config) -> Path:
 
     # 2. Policy (in this process or on policy.base_url) and labeler.
     shared: dict = {}
-    labeler = policy = None
+    labeler = verifier = policy = None
     if todo:
         policy = open_policy(cfg, cfg.policy.model, shared)
         if any(p.kind == "red_team" for p in todo):
             labeler = build_labeler(cfg, shared_models=shared)
+            if cfg.sl.verify_revisions:
+                verifier = build_labeler(cfg, shared_models=shared, role="choices")
     answer_sampling = dict(max_new_tokens=cfg.policy.max_new_tokens, temperature=cfg.policy.temperature, top_p=cfg.policy.top_p)
 
     # 3.–4. Batches of prompts: first answers, then (red-team only) critique and revision rounds.
@@ -182,14 +247,15 @@ def run(cfg: Config) -> Path:
                 rounds_by_index = {}
                 if red_index:
                     rounds = critique_and_revise(
-                        [batch[i] for i in red_index], [answers[i] for i in red_index], labeler, constitution, templates, cfg
+                        [batch[i] for i in red_index], [answers[i] for i in red_index], labeler, constitution, templates, cfg,
+                        verifier=verifier,
                     )
                     rounds_by_index = dict(zip(red_index, rounds))
                 for i, p in enumerate(batch):
                     rounds = rounds_by_index.get(i, [])
                     final = answers[i]
                     for rnd in rounds:
-                        if rnd["revision_status"] == "ok" and rnd["critique_status"] == "ok":
+                        if rnd["revision_status"] == "ok" and rnd["critique_status"] == "ok" and rnd.get("accepted", True):
                             final = rnd["revision"]
                     writer.write(
                         {
@@ -200,7 +266,8 @@ def run(cfg: Config) -> Path:
                             "initial_status": first[i].status,
                             "rounds": rounds,
                             "final": final,
-                            "revised": any(r["revision_status"] == "ok" and r["critique_status"] == "ok" for r in rounds),
+                            "revised": any(r["revision_status"] == "ok" and r["critique_status"] == "ok" and r.get("accepted", True)
+                                           for r in rounds),
                             "policy": cfg.policy.model,
                             "labeler": labeler.id if (labeler and rounds) else None,
                         }
@@ -211,6 +278,8 @@ def run(cfg: Config) -> Path:
             labeler.close()
         if policy is not None:
             policy.close()
+        if verifier is not None:
+            verifier.close()
 
     # 5. The SL-CAI dataset: every prompt with a non-empty final answer.
     import datasets
@@ -236,6 +305,9 @@ def run(cfg: Config) -> Path:
         "critiques_failed": sum(rnd["critique_status"] != "ok" for r in records for rnd in r["rounds"]),
         "revisions_failed": sum(rnd["revision_status"] != "ok" for r in records for rnd in r["rounds"]),
         "dataset_rows": len(rows),
+        "verify_revisions": cfg.sl.verify_revisions,
+        "revisions_turned_down": sum(rnd.get("accepted") is False and rnd["revision_status"] == "ok" and rnd["critique_status"] == "ok"
+                                     for r in records for rnd in r["rounds"]),
     }
     atomic_write_json(stage.path / "summary.json", counts)
     return stage.finish(

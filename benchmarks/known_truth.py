@@ -1,0 +1,257 @@
+"""Known truth: does SL-CAI -> preferences -> reward model -> RL move a policy toward its constitution?
+
+The whole pipeline on the embedded default policy (SmolLM2-135M-Instruct) with a constitution whose
+every principle carries a check (constitutions/checkable.yaml, configs/known_truth.yaml):
+
+1. exact: the checks label the preferences and verify the SL revisions (choice_labeler.backend=rules);
+   the 135M model writes the critiques and revisions; PPO against the reward model learnt from the
+   labels. Stages: sl, sft, prefs, rm, rl (PPO), eval.
+2. dpo: the same SL-CAI model and preference labels, DPO instead of reward model + PPO.
+3. simulated labelers: the same preference pairs relabeled by the rules judge as a fallible labeler
+   (accuracy 0.9, 0.75, 0.6 with a position bias), asked in both orders or in one; how often each
+   label sides with the checks, and (for the settings in --dpo-simulated) the policy DPO makes of them.
+
+Every policy is judged by the checks on held-out prompts no stage trained on (the eval split and
+benchmarks/known_truth_prompts.jsonl): compliance (the share of answers that satisfy every check that
+applies to their prompt) and over-refusal (refusals of helpful prompts), with 95% bootstrap intervals
+over prompts; gains are paired differences against the initial model, bootstrapped the same way.
+
+    python benchmarks/known_truth.py                      # the benchmark (sized for ~60 min on 2 quiet cores)
+    python benchmarks/known_truth.py --small              # a few minutes: smoke-size, for development
+    python benchmarks/known_truth.py --record             # also write its section of benchmarks/RESULTS.md
+
+Reruns resume: finished stages are skipped (the stage machinery), so a killed run continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cai import winrates  # noqa: E402
+from cai.cli import _quiet_libraries, run_stage  # noqa: E402
+from cai.config import load_config  # noqa: E402
+from cai.constitution import load_constitution  # noqa: E402
+from cai.errors import CaiError  # noqa: E402
+from cai.labelers.rules import RulesLabeler, prompt_kinds  # noqa: E402
+from cai.preferences import JudgeSettings, PairItem, judge_pairs  # noqa: E402
+from cai.records import atomic_write_text, read_jsonl, save_dataset  # noqa: E402
+from cai.templates import Templates  # noqa: E402
+
+CONFIG = ROOT / "configs" / "known_truth.yaml"
+SMALL = ["data.limit=24", "sft.epochs=1", "rm.epochs=1", "prefs.samples_per_prompt=2", "rl.steps=2", "rl.batch_size=4",
+         "rl.minibatch_size=2", "rl.checkpoint_every=1", "eval.limit=6", "eval.bootstrap=200", "eval.examples=1"]
+DPO = ["rl.algorithm=dpo", "rl.dpo_min_label_prob=0.6", "rl.steps=40", "eval.models=[rl]"]
+MARK_BEGIN, MARK_END = "<!-- known_truth: begin -->", "<!-- known_truth: end -->"
+
+
+def run_stages(cfg, stages, timings: dict, label: str) -> None:
+    for stage in stages:
+        started = time.time()
+        run_stage(stage, cfg)
+        timings[f"{label}/{stage}"] = round(time.time() - started, 1)
+        print(f"[known_truth] {label}/{stage}: {timings[f'{label}/{stage}']} s", flush=True)
+
+
+def trained(cfg, timings: dict, label: str, notes: list) -> bool:
+    """rl (DPO) then eval; False, with a note, when there is nothing to train on (every pair a tie)."""
+    try:
+        run_stages(cfg, ("rl", "eval"), timings, label)
+    except CaiError as err:
+        notes.append(f"{label}: not trained: {err}")
+        print(f"[known_truth] {notes[-1]}", flush=True)
+        return False
+    return True
+
+
+def copy_stages(source: Path, target: Path, stages=("sl", "sft", "prefs")) -> None:
+    for stage in stages:
+        if not (target / stage).exists():
+            shutil.copytree(source / stage, target / stage)
+
+
+# -------------------------------------------------------------------------------------------------
+# Simulated labelers: the exact run's pairs, relabeled
+
+
+def relabel(cfg, accuracy: float, bias: float, soft: bool = False) -> list[dict]:
+    """The prefs records of the exact run, labeled again by a simulated labeler: per record the label
+    from both orders (`label_prob`) and from the first order alone (`label_one_order`)."""
+    constitution = load_constitution(cfg.constitution)
+    labeler = RulesLabeler(constitution, prompt_kinds(cfg), accuracy=accuracy, position_bias=bias, soft_labels=soft, seed=cfg.seed)
+    records = read_jsonl(Path(cfg.output_dir) / "prefs" / "records.jsonl")
+    items = [PairItem(r["id"], [{"role": "user", "content": r["prompt"]}], *r["answers"]) for r in records]
+    settings = JudgeSettings.from_config(cfg)
+    out = []
+    for record, verdict in zip(records, judge_pairs(labeler, items, constitution, Templates(cfg.templates), settings=settings)):
+        first_order = [e["orders"]["ab"]["p_first"] for e in verdict.principles if e["orders"]["ab"]["p_first"] is not None]
+        out.append({**record, "truth": record["label_prob"], "label_prob": verdict.label, "principles": verdict.principles,
+                    "label_one_order": sum(first_order) / len(first_order), "labeler": labeler.id})
+    return out
+
+
+def label_quality(rows: list[dict], key: str) -> dict:
+    """How often a label sides with the checks, over the pairs the checks do not call a tie."""
+    decisive = [r for r in rows if r["truth"] != 0.5]
+    agree = [float((r[key] - 0.5) * (r["truth"] - 0.5) > 0) for r in decisive]
+    return {"pairs": len(decisive), **winrates.rate(agree)}
+
+
+def write_relabeled_dataset(run_dir: Path, rows: list[dict], key: str, system_prompt) -> None:
+    """prefs/records.jsonl and prefs/dataset/ of a copied run, with the simulated labels."""
+    import datasets
+
+    from cai.stages.prefs import to_preference_row
+
+    labeled = [{**r, "label_prob": r[key]} for r in rows]
+    atomic_write_text(run_dir / "prefs" / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in labeled))
+    shutil.rmtree(run_dir / "prefs" / "dataset", ignore_errors=True)
+    save_dataset(datasets.Dataset.from_list([to_preference_row(r, system_prompt) for r in labeled]), run_dir / "prefs" / "dataset")
+
+
+# -------------------------------------------------------------------------------------------------
+# Scores of a finished eval
+
+
+def per_prompt(run_dir: Path) -> dict[str, dict]:
+    """{model: {prompt id: (complies, refused-a-helpful-prompt or None)}} from eval/samples.jsonl."""
+    from cai.labelers.parsing import is_refusal
+
+    out: dict[str, dict] = {}
+    for s in read_jsonl(run_dir / "eval" / "samples.jsonl"):
+        for model, failed in (s.get("failed_checks") or {}).items():
+            refused = float(is_refusal(s["answers"][model])) if s["kind"] == "helpful" else None
+            out.setdefault(model, {})[s["id"]] = (float(not failed), refused)
+    return out
+
+
+def summarise(scores: dict, baseline: dict, seed: int = 0) -> dict:
+    """Compliance and over-refusal with 95% intervals, and their paired gains over `baseline`."""
+    ids = sorted(set(scores) & set(baseline))
+    comply = [scores[i][0] for i in ids]
+    refuse = [scores[i][1] for i in ids if scores[i][1] is not None]
+    gain = [scores[i][0] - baseline[i][0] for i in ids]
+    refusal_gain = [scores[i][1] - baseline[i][1] for i in ids if scores[i][1] is not None]
+    rate = lambda v: {"mean": sum(v) / len(v) if v else None, "ci": winrates.bootstrap_ci(v, 2000, 0.95, seed)}  # noqa: E731
+    return {"prompts": len(ids), "compliance": rate(comply), "compliance_gain": rate(gain),
+            "over_refusal": rate(refuse), "over_refusal_gain": rate(refusal_gain), "helpful_prompts": len(refuse)}
+
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def ci(r: dict) -> str:
+    return "" if not r["ci"] else f"[{100 * r['ci'][0]:+.1f}, {100 * r['ci'][1]:+.1f}]"
+
+
+def table(results: dict) -> str:
+    lines = ["| policy | training labeler | prompts | compliance % [95% CI] | gain vs initial, points [95% CI] | "
+             "over-refusal % [95% CI] | change, points [95% CI] |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['labeler']} | {r['prompts']} | {pct(r['compliance']['mean'])} {ci(r['compliance']).replace('+', '')} | "
+                     f"{pct(r['compliance_gain']['mean'])} {ci(r['compliance_gain'])} | {pct(r['over_refusal']['mean'])} "
+                     f"{ci(r['over_refusal']).replace('+', '')} | {pct(r['over_refusal_gain']['mean'])} {ci(r['over_refusal_gain'])} |")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "out" / "known_truth"), help="folder of the runs")
+    parser.add_argument("--small", action="store_true", help="smoke-size settings (minutes), for development")
+    parser.add_argument("--accuracies", default="0.9,0.75,0.6", help="simulated labelers' accuracies")
+    parser.add_argument("--position-bias", type=float, default=0.2, help="simulated labelers' position bias")
+    parser.add_argument("--dpo-simulated", default="0.9:both,0.75:both,0.6:both",
+                        help="simulated labelers whose labels DPO trains a policy on (accuracy:both|one; '' = none)")
+    parser.add_argument("--skip-dpo", action="store_true", help="leave out the DPO policies")
+    parser.add_argument("--record", action="store_true", help="write the result's section of benchmarks/RESULTS.md")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run (key.path=value)")
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    out = Path(args.out).expanduser().resolve()
+    size = SMALL if args.small else []
+    common = [f"eval.prompts=[{ROOT / 'benchmarks' / 'known_truth_prompts.jsonl'}]", *size, *args.overrides]  # from any folder
+    started = time.time()
+    timings: dict = {}
+    notes: list[str] = []
+
+    # 1. exact: the whole pipeline, the checks as the preference labeler
+    exact = load_config(CONFIG, [f"output_dir={out / 'exact'}", *common])
+    run_stages(exact, ("sl", "sft", "prefs", "rm", "rl", "eval"), timings, "exact")
+    scores = per_prompt(out / "exact")
+    baseline = scores["initial"]
+    results = {}
+    labeler_name = "checks (exact)"
+    for model, title in (("initial", "initial"), ("sft", "SL-CAI"), ("rl", "SL-CAI → PPO")):
+        results[title] = {"labeler": "—" if model == "initial" else labeler_name, **summarise(scores[model], baseline, exact.seed)}
+
+    # 2. dpo on the same labels
+    if not args.skip_dpo:
+        copy_stages(out / "exact", out / "dpo")
+        dpo = load_config(CONFIG, [f"output_dir={out / 'dpo'}", *common, *DPO])
+        if trained(dpo, timings, "dpo", notes):
+            results["SL-CAI → DPO"] = {"labeler": labeler_name, **summarise(per_prompt(out / "dpo")["rl"], baseline, exact.seed)}
+
+    # 3. simulated labelers on the same pairs
+    quality = {}
+    accuracies = [float(a) for a in args.accuracies.split(",") if a]
+    wanted = {(float(a), o) for a, o in (x.split(":") for x in args.dpo_simulated.split(",") if x)}
+    for accuracy in accuracies:
+        rows = relabel(exact, accuracy, args.position_bias)
+        quality[accuracy] = {"both orders": label_quality(rows, "label_prob"), "one order": label_quality(rows, "label_one_order")}
+        for orders, key in (("both", "label_prob"), ("one", "label_one_order")):
+            if args.skip_dpo or (accuracy, orders) not in wanted:
+                continue
+            run_dir = out / f"sim-{accuracy:g}-{orders}"
+            copy_stages(out / "exact", run_dir)
+            write_relabeled_dataset(run_dir, rows, key, exact.policy.system_prompt)
+            cfg = load_config(CONFIG, [f"output_dir={run_dir}", *common, *DPO, f"choice_labeler.simulated_accuracy={accuracy}",
+                                       f"choice_labeler.simulated_position_bias={args.position_bias}"])
+            if not trained(cfg, timings, run_dir.name, notes):
+                continue
+            name = f"SL-CAI → DPO, simulated labeler ({'both orders' if orders == 'both' else 'one order'})"
+            results[f"{name}, accuracy {accuracy:g}"] = {
+                "labeler": f"accuracy {accuracy:g}, position bias {args.position_bias:g}",
+                **summarise(per_prompt(run_dir)["rl"], baseline, exact.seed)}
+
+    elapsed = time.time() - started
+    lines = [table(results), "", "Simulated labelers' preference labels against the checks (pairs the checks do not call a tie):", "",
+             "| accuracy | position bias | label sides with the checks, both orders % [95% CI] | one order % [95% CI] | pairs |",
+             "|---:|---:|---:|---:|---:|"]
+    for accuracy, q in quality.items():
+        both, one = q["both orders"], q["one order"]
+        lines.append(f"| {accuracy:g} | {args.position_bias:g} | {pct(both['mean'])} {ci(both).replace('+', '')} | "
+                     f"{pct(one['mean'])} {ci(one).replace('+', '')} | {both['pairs']} |")
+    lines += [""] + [f"- {n}" for n in notes] if notes else []
+    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
+              f"", f"Total: {elapsed / 60:.1f} min (stages skipped as already complete take ~0 s)."]
+    text = "\n".join(lines)
+    print("\n" + text)
+    atomic_write_text(out / "results.md", text + "\n")
+    (out / "results.json").write_text(json.dumps({"results": results, "label_quality": quality, "timings": timings,
+                                                   "notes": notes, "seconds": elapsed, "small": args.small,
+                                                   "overrides": args.overrides}, indent=1))
+    if args.record:
+        path = ROOT / "benchmarks" / "RESULTS.md"
+        current = path.read_text()
+        section = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
+        if MARK_BEGIN in current:
+            current = current.split(MARK_BEGIN)[0] + section + current.split(MARK_END, 1)[1]
+        else:
+            current = current.rstrip() + "\n\n" + section + "\n"
+        path.write_text(current)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
