@@ -75,7 +75,7 @@ def changed_parameters(before_dir, after_dir) -> int:
 def test_sft_rm_and_ppo_on_two_cpu_processes(name, tiny_config, tiny_model_dir, tmp_path, monkeypatch):
     from cai.stages import sl
 
-    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None: ScriptedLabeler())
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role=None: ScriptedLabeler())
     cfg = tiny_config("sft.learning_rate=1e-2", "sft.epochs=1", "sft.batch_size=2", "sft.save_steps=1000",
                       "rl.reward=tests.test_rl_stage:letter_e_reward", "rl.steps=2", "rl.batch_size=2",
                       "rl.minibatch_size=2", "rl.learning_rate=1e-2", "rl.samples=0")
@@ -94,7 +94,7 @@ def test_sft_rm_and_ppo_on_two_cpu_processes(name, tiny_config, tiny_model_dir, 
 
     from cai.stages import prefs
 
-    monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None: ScriptedLabeler())
+    monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None, role=None: ScriptedLabeler())
     prefs.run(cfg)
     done = launch(config_file, "rm", run_config)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -14,7 +14,7 @@ from cai.models import load_model_and_tokenizer
 from cai.promptsets import split_prompts
 from cai.records import mark_done
 from cai.rewards import DirectLabelerReward
-from cai.stages import rl
+from cai.stages import rl, stage_fingerprint
 from cai.templates import Templates
 from tests.test_rl_stage import one_thread  # noqa: F401 - autouse: one torch thread, as the rl tests
 
@@ -34,7 +34,8 @@ comparisons:
       expect: {function: "tests.check_functions:mostly_e"}
 """
 LEARNING = ("rl.steps=30", "rl.batch_size=16", "rl.minibatch_size=8", "rl.ppo_epochs=4", "rl.learning_rate=1e-3",
-            "rl.samples=0", "rl.adaptive_kl=false", "rl.kl_coef=0.05", "policy.max_new_tokens=12", "data.limit=40")
+            "rl.samples=0", "rl.adaptive_kl=false", "rl.kl_coef=0.05", "policy.max_new_tokens=12", "data.limit=40",
+            "rl.unfinished_score=null")  # the tiny model's answers rarely end within 12 tokens: score them as they are
 CONFIG = None  # the config of the flipped-sign run, read by `flipped_check_reward`
 
 
@@ -62,7 +63,7 @@ def run_rl(tiny_config, tiny_model_dir, tmp_path, name: str, *overrides: str):
     cfg = tiny_config(f"output_dir={tmp_path / name}", f"constitution={path}", "choice_labeler.backend=rules", *LEARNING, *overrides)
     sft_dir = Path(cfg.output_dir) / "sft"
     shutil.copytree(tiny_model_dir, sft_dir)
-    mark_done(sft_dir, "test")
+    mark_done(sft_dir, stage_fingerprint(cfg, "sft"))
     rl.run(cfg)
     return cfg, held_out_compliance(cfg, sft_dir), held_out_compliance(cfg, Path(cfg.output_dir) / "rl")
 

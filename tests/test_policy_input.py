@@ -24,7 +24,7 @@ def pirate_templates(tmp_path) -> Path:
 
 
 def test_an_edited_answer_template_changes_what_sft_trains_on(tiny_config, pirate_templates, monkeypatch):
-    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None: ScriptedLabeler())
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role=None: ScriptedLabeler())
     cfg = tiny_config(f"templates={pirate_templates}", "sl.helpful_ratio=0.5")
     sl.run(cfg)
     trained_on = {}

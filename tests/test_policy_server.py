@@ -47,7 +47,7 @@ def test_sl_samples_the_policy_on_the_server_and_a_resumed_run_samples_nothing_t
     server.served_models = ["served-policy"]
     cfg = tiny_config(f"policy.base_url={server.openai_url}", "policy.served_model=served-policy",
                       "policy.model=org/not-downloaded", "data.limit=30")
-    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None: StopsOnCall(stop_on=3))
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role=None: StopsOnCall(stop_on=3))
     with pytest.raises(BudgetExceeded):
         sl.run(cfg)  # stops in the second batch, after its policy answers were received
     partial = read_jsonl(Path(cfg.output_dir) / "sl" / "records.jsonl")
@@ -55,7 +55,7 @@ def test_sl_samples_the_policy_on_the_server_and_a_resumed_run_samples_nothing_t
     first_run = len(policy_bodies(server, "served-policy"))
     assert first_run == 16
 
-    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None: ScriptedLabeler())
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role=None: ScriptedLabeler())
     out = sl.run(cfg)
     records = read_jsonl(out / "records.jsonl")
     assert len(records) == len({r["id"] for r in records}) == 18
@@ -105,7 +105,7 @@ def test_prefs_samples_the_sft_model_on_the_server(tiny_config, server, monkeypa
             srv.reply = lambda api, body: f"sampled answer number {next(counter)}"
         cfg = tiny_config("data.limit=10", f"policy.base_url={json.dumps([server.openai_url, second.openai_url])}",
                           "policy.concurrency=1")
-        monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None: ScriptedLabeler())
+        monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None, role=None: ScriptedLabeler())
         out = prefs.run(cfg)
         samples = read_jsonl(out / "samples.jsonl")
         assert samples and all(s["answers"][0].startswith("sampled answer number") for s in samples)

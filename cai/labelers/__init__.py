@@ -73,7 +73,7 @@ def check_api_key(cfg, roles: tuple[str, ...] = ("text",)) -> None:
         else:
             continue
         env = lab.api_key_env or backend_class.default_key_env
-        resolve_api_key(lab.backend, env, lab.base_url, backend_class.hosted_hosts, key=role_key(cfg, role))
+        resolve_api_key(lab.backend, env, lab.base_url, backend_class.hosted_hosts, config_key=role_key(cfg, role))
 
 
 def build_labeler(cfg, shared_models: dict | None = None, role: str = "text") -> Labeler:

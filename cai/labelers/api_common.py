@@ -107,7 +107,7 @@ def with_instruction(messages: list[dict], instruction: str) -> list[dict]:
 
 
 def resolve_api_key(backend: str, env_name: str, base_url: str | list[str] | None, hosted_hosts: set[str],
-                    key: str = "labeler") -> str:
+                    config_key: str = "labeler") -> str:
     """The key from `$env_name`. A missing key is an error for the hosted API; any other server
     (a local vLLM, llama.cpp or Ollama; or a pool of them, `base_url` a list) gets a placeholder, and says
     so itself if it wanted one."""
@@ -116,8 +116,8 @@ def resolve_api_key(backend: str, env_name: str, base_url: str | list[str] | Non
         return key
     urls = base_url if isinstance(base_url, (list, tuple)) else [base_url]
     if any(url is None or urlsplit(url).hostname in hosted_hosts for url in urls):
-        raise CaiError(f"{key}.backend={backend} needs an API key in ${env_name} "
-                       f"(or set {key}.api_key_env to the variable that holds it)")
+        raise CaiError(f"{config_key}.backend={backend} needs an API key in ${env_name} "
+                       f"(or set {config_key}.api_key_env to the variable that holds it)")
     return NO_KEY
 
 
