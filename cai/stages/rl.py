@@ -401,6 +401,11 @@ def run(cfg: Config) -> Path:
         summary = save_and_report(cfg, stage, unwrapped.policy, tokenizer, reward_fn, history, kl_ctl, checksums)
     accelerator.wait_for_everyone()  # no process leaves while the main one still saves
     accelerator.end_training()
+    if torch.distributed.is_initialized():
+        # Tear the process group down here, while no gloo thread waits for Python: left to the DDP
+        # model's destructor, a non-main process could hang at exit joining such a thread (seen on CPU).
+        del model, optimizer
+        torch.distributed.destroy_process_group()
     if summary is None:
         return stage.path
     return stage.finish(f"{rl.steps} PPO steps, reward {summary['reward_first']:+.3f} -> {summary['reward_last']:+.3f}, "
