@@ -16,7 +16,6 @@ and error files) and Anthropic's Message Batches (create, poll, results), on top
 from __future__ import annotations
 
 import argparse
-import asyncio
 import email.parser
 import email.policy
 import itertools
@@ -24,7 +23,7 @@ import json
 import time
 from typing import Callable
 
-from tests.fake_servers import FakeLLMServer
+from tests.fake_servers import FakeLLMServer, serve_until_interrupted
 
 
 class FakeBatchServer(FakeLLMServer):
@@ -186,16 +185,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
 
-    async def serve() -> None:
-        server = FakeBatchServer(polls_until_done=args.polls, port=args.port)
-        await server.start_async()
-        print(server.port, flush=True)
-        await asyncio.Event().wait()
-
-    try:
-        asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
+    serve_until_interrupted(lambda: FakeBatchServer(polls_until_done=args.polls, port=args.port))
 
 
 if __name__ == "__main__":

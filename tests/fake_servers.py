@@ -429,8 +429,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=None, help="requests served at once (more queue)")
     args = parser.parse_args()
 
+    serve_until_interrupted(lambda: FakeLLMServer(latency=args.latency, port=args.port, max_concurrency=args.concurrency))
+
+
+def serve_until_interrupted(make_server) -> None:
+    """Start the server `make_server()` builds, print its port (the parent process reads it), serve until Ctrl-C."""
+
     async def serve() -> None:
-        server = FakeLLMServer(latency=args.latency, port=args.port, max_concurrency=args.concurrency)
+        server = make_server()
         await server.start_async()
         print(server.port, flush=True)
         await asyncio.Event().wait()
