@@ -239,10 +239,12 @@ def test_monitors_and_refusal_heuristic():
     assert rl.is_refusal("As an AI, I cannot do this")
     assert not rl.is_refusal("Sure! Mix flour, water and yeast.")
     cfg = load_config(None, ["rl.max_length_corr=0.5", "rl.min_distinct_2=0.3", "rl.max_refusal_rate=0.2"])
-    calm = {"length_reward_corr": 0.1, "distinct_2": 0.9, "refusal_rate_helpful": 0.0}
+    calm = {"length_reward_corr": 0.1, "distinct_2": 0.9, "refusal_rate_helpful": 0.0, "ended_frac": 0.9}
     assert rl.monitor_warnings(cfg, calm) == []
-    hacked = {"length_reward_corr": 0.8, "distinct_2": 0.1, "refusal_rate_helpful": 0.5}
-    assert len(rl.monitor_warnings(cfg, hacked)) == 3
+    hacked = {"length_reward_corr": 0.8, "distinct_2": 0.1, "refusal_rate_helpful": 0.5, "ended_frac": 0.2}
+    assert len(rl.monitor_warnings(cfg, hacked)) == 4
+    # cut answers scored as they are (rl.unfinished_score=null): no penalty to warn about
+    assert len(rl.monitor_warnings(cfg.model_copy(update={"rl": cfg.rl.model_copy(update={"unfinished_score": None})}), hacked)) == 3
 
 
 def test_batches_cover_every_prompt_and_do_not_depend_on_where_a_run_resumed():
@@ -572,6 +574,7 @@ def test_answers_cut_at_the_length_limit_get_a_penalty_by_default(rl_config):
     # No tiny-model answer ends within 8 tokens: each scores -1 whatever the reward says.
     assert [(m["ended_frac"], m["reward_mean"]) for m in metrics(cfg)] == [(0.0, -1.0)]
     assert metrics(cfg)[0]["raw_score_mean"] != -1.0
+    assert any("only 0% of answers ended within 8 tokens" in w for w in metrics(cfg)[0]["warnings"])
 
 
 def test_trl_algorithms_train_float32_master_weights_under_the_gpu_precision(rl_config, tiny_model_dir, monkeypatch):

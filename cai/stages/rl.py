@@ -292,6 +292,11 @@ def monitor_warnings(cfg: Config, m: dict) -> list[str]:
         out.append(f"distinct-2 = {m['distinct_2']:.2f} < rl.min_distinct_2 {rl.min_distinct_2}: answers repeat themselves")
     if m["refusal_rate_helpful"] > rl.max_refusal_rate:
         out.append(f"refusal rate on helpful prompts = {m['refusal_rate_helpful']:.2f} > rl.max_refusal_rate {rl.max_refusal_rate}")
+    if rl.unfinished_score is not None and m["ended_frac"] < 0.5:
+        # Every cut answer scores the same penalty: with most answers cut, the reward carries little signal.
+        out.append(f"only {m['ended_frac']:.0%} of answers ended within {rl.max_new_tokens or cfg.policy.max_new_tokens} "
+                   f"tokens; the others all scored rl.unfinished_score={rl.unfinished_score:g}: raise rl.max_new_tokens "
+                   f"or set rl.unfinished_score=null")
     return out
 
 
