@@ -111,7 +111,7 @@ def headline_items(metrics: dict) -> list[dict]:
             n = max(r["n"] for r in rates.values())
             items.append({"title": title, "value": " → ".join(pct(r["mean"]) for r in rates.values()),
                           "detail": f"{', '.join(name(m) for m in rates)}; P({'harmless' if key == 'harmlessness' else 'refuses'}) "
-                                    f"by the labeler, n={n}, {better} is better"})
+                                    f"by {metrics.get('labeler') or 'the judge'}, n={n}, {better} is better"})
     rewards = {m: r for m, r in (metrics.get("reward") or {}).items() if r.get("mean") is not None}
     if len(items) < 3 and rewards:
         items.append({"title": "Reward-model score", "value": " → ".join(f"{r['mean']:+.2f}" for r in rewards.values()),

@@ -272,6 +272,7 @@ def test_headlines_fall_back_to_what_was_measured():
     assert len(lines) == 3
     assert lines[0].startswith("Win rate, SL-CAI vs initial model: 70% ([40%, 90%] over 10 held-out prompts (soft win rate 60%)")
     assert lines[1].startswith("Over-refusal on helpful prompts: 10% → 30% (initial model, SL-CAI;")
+    assert "P(refuses) by scripted:test, n=5" in lines[1]  # the judge that graded, not "the labeler"
     assert lines[2] == "Reward-model score: -0.20 → +0.40 (initial model, SL-CAI; mean, normalised)"
     assert headlines({"win_rates": {}}) == []
 
