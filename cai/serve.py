@@ -85,16 +85,11 @@ class ScoreResult:
 
 def conversation_of(prompt) -> list[Message]:
     """The prompt as chat messages (a plain string is one user turn)."""
+    from cai.chat import conversation
+
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
+        return conversation(prompt)
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
-
-
-def last_user_text(prompt) -> str:
-    for message in reversed(conversation_of(prompt)):
-        if message["role"] == "user":
-            return message["content"]
-    return ""
 
 
 def group_key(item: ScoreItem):
@@ -187,8 +182,9 @@ class Judge:
 
     def _pointwise(self, items: list[ScoreItem]) -> list[ScoreResult]:
         from cai.rewards import SCORE_OPTIONS, expected_score
+        from cai.preferences import user_text
 
-        requests = self.direct.requests([last_user_text(it.prompt) for it in items], [it.answer for it in items])
+        requests = self.direct.requests([user_text(conversation_of(it.prompt)) for it in items], [it.answer for it in items])
         results = []
         for choice in self.labeler.choose(requests, desc=None):
             probs = choice.probs
