@@ -24,7 +24,8 @@ shift 2
 LAUNCH_CONFIG=${LAUNCH_CONFIG:-configs/accelerate/fsdp.yaml}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 
-MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed reads the whole list (head would close the pipe early and, under pipefail, fail the job on SIGPIPE)
+MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MAIN_PORT=${MAIN_PORT:-29500}
 NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false

@@ -151,7 +151,9 @@ def test_slurm_script_gives_each_node_its_rank_and_the_main_address(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stubs = {
-        "scontrol": 'printf "gpu-node-07\\ngpu-node-08\\n"',
+        # A real allocation can list hundreds of nodes: the script must read the first without making
+        # scontrol die of SIGPIPE under `set -o pipefail` (which `| head -n 1` did, now and then, in CI)
+        "scontrol": 'printf "gpu-node-07\\ngpu-node-08\\n"; seq 1 100000 | sed "s/^/gpu-spare-/"',
         # srun runs its command once per node, as Slurm would, with that node's SLURM_NODEID
         "srun": 'shift; for node in 0 1; do SLURM_NODEID=$node "$@"; done',
         "accelerate": 'echo "node $SLURM_NODEID: accelerate $*"',
