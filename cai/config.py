@@ -196,6 +196,16 @@ class SLConfig(Section):
         description="Keep a revision only when the choice labeler prefers it to the answer it replaces under the "
         "round's principle, asked in both orders (exact with labeler checks); sl/summary.json counts those turned down.",
     )
+    revision_candidates: int = Field(
+        1, ge=1, description="Revisions the labeler writes per round (sampled); with verify_revisions the one the "
+        "choice labeler prefers most is kept, if any beats the answer. Helps a weak reviser that gets it right now and then.",
+    )
+
+    @model_validator(mode="after")
+    def _candidates_need_a_verifier(self):
+        if self.revision_candidates > 1 and not self.verify_revisions:
+            raise ValueError("revision_candidates > 1 needs verify_revisions: true (the choice labeler picks among them)")
+        return self
 
 
 class SFTConfig(Section):

@@ -35,7 +35,8 @@ class ScriptedLabeler:
                 self.usage.failed += 1
                 out.append(Generation(text=None, status="failed", error="scripted failure"))
             elif "Critique:" in last:
-                out.append(Generation(text=f"REVISED({len(r.messages)}): {_digest(last)}"))
+                sample = f"#{r.sample_index}" if r.sample_index else ""  # repeated samples differ, as sampled ones would
+                out.append(Generation(text=f"REVISED({len(r.messages)}): {_digest(last + sample)}"))
             else:
                 out.append(Generation(text=f"CRITIQUE of {_digest(last)}"))
         return out

@@ -15,6 +15,7 @@ import datasets
 import pytest
 
 from cai.constitution import load_constitution
+from cai.errors import CaiError
 from cai.records import read_jsonl
 from cai.stages import sl
 from tests.conftest import ROOT
@@ -218,6 +219,36 @@ def test_verified_revisions_keep_only_what_the_choice_labeler_prefers(tiny_confi
         assert r["final"] == (rnd["revision"] if r in kept else r["initial"]) and r["revised"] == (r in kept)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["revisions_turned_down"] == len(records) - len(kept) and summary["revised"] == len(kept)
+
+
+def test_revision_candidates_keep_the_one_the_judge_prefers(tiny_config, monkeypatch):
+    """With N candidates per round, an item is revised when any candidate wins, and the record keeps
+    every candidate with its verdict; without a verifier, N > 1 is a config error."""
+    writer = ScriptedLabeler()
+    good = lambda s: s.startswith("REVISED") and int(s[-1], 16) % 2 == 0  # noqa: E731
+
+    def prefer(text: str) -> float:
+        a = text.rsplit("Response (A): ", 1)[1].split("\n\nResponse (B): ", 1)[0]
+        b = text.rsplit("\n\nResponse (B): ", 1)[1].rsplit("\n\n", 1)[0]
+        return 0.5 + 0.4 * (good(a) - good(b))
+
+    judge = ScriptedLabeler(prefer=prefer)
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role="text": judge if role == "choices" else writer)
+    out = sl.run(tiny_config("sl.rounds=1", "sl.verify_revisions=true", "sl.revision_candidates=4"))
+    records = [r for r in read_jsonl(out / "records.jsonl") if r["kind"] == "red_team"]
+    assert writer.usage.requests == (1 + 4) * len(records)  # one critique, four revisions each
+    for r in records:
+        rnd = r["rounds"][0]
+        texts = [c["revision"] for c in rnd["candidates"]]
+        assert len(set(texts)) == 4  # four different samples
+        winners = [t for t in texts if good(t)]
+        assert rnd["accepted"] == bool(winners) and r["revised"] == bool(winners)
+        assert r["final"] == (winners[0] if winners else r["initial"])
+        assert [c["verified_p"] for c in rnd["candidates"]] == [pytest.approx(0.9 if good(t) else 0.5) for t in texts]
+    # One candidate in two wins, so four candidates revise about 15 in 16 items, one candidate about half
+    assert sum(r["revised"] for r in records) > 0.75 * len(records)
+    with pytest.raises(CaiError, match="revision_candidates > 1 needs verify_revisions"):
+        tiny_config("sl.revision_candidates=2")
 
 
 def test_a_principle_whose_check_does_not_apply_to_the_prompt_is_not_drawn():

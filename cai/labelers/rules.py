@@ -4,7 +4,9 @@
 about from `ChoiceRequest.subject` rather than from its text:
 
 - a comparison under a principle (prefs, eval win rates, audits): the answer that scores higher on
-  that principle's check wins; equal scores, or a check that does not apply to the prompt, are a tie;
+  that principle's check wins; equal scores go to the one with more partial credit (more parts of an
+  `all` met in the order written, `Check.partial`); equal both ways, or a check that does not apply to
+  the prompt, a tie;
 - a grade (eval): "harmless" when the answer satisfies every check that applies to its prompt,
   "refuses" when it opens with a refusal;
 - a d-RLAIF rating from 1 to 10 (rl.reward=direct): 1 + 9 x the mean score of the checks that apply
@@ -150,8 +152,8 @@ class RulesLabeler:
             check = self.by_principle.get(subject["principle"])
             if check is None:
                 raise CaiError(f"labeler.backend=rules: principle '{subject['principle']}' has no check")
-            a, b = (check.score(prompt, answer, kind) for answer in subject["answers"])
-            if a is None or b is None or a == b:
+            a, b = ((check.score(prompt, answer, kind), check.partial(prompt, answer, kind)) for answer in subject["answers"])
+            if a[0] is None or b[0] is None or a == b:
                 return [0.5, 0.5]
             return [1.0, 0.0] if a > b else [0.0, 1.0]
         if job == "grade":

@@ -11,6 +11,8 @@
    c. with `sl.verify_revisions`, a revision replaces the answer only when the choice labeler prefers
       it to the answer it replaces under that round's principle, asked in both orders (with checks
       the verdict is exact); the round records the verdict, and `summary.json` counts those turned down;
+      with `sl.revision_candidates` N > 1 the labeler writes N revisions and the one preferred most
+      is the one that may replace the answer (a weak reviser that gets it right one time in N);
    d. one record per prompt is appended, with every round's principle, critique and revision.
 4. Helpful prompts (`sl.helpful_ratio` per red-team prompt) are answered by the policy and kept as
    they are, so that fine-tuning on revisions does not teach the model to refuse everything.
@@ -121,18 +123,30 @@ def critique_and_revise(
             )
             for p, answer, pr, c in zip(prompts, current, principles, critiques)
         ]
-        revisions = labeler.generate(
-            [GenerateRequest(shots["revision"] + [{"role": "user", "content": c}], **sampling) for c in revision_prompts],
+        n = cfg.sl.revision_candidates  # > 1 only with a verifier, which picks among them
+        written = labeler.generate(
+            [GenerateRequest(shots["revision"] + [{"role": "user", "content": c}], sample_index=j, **sampling)
+             for c in revision_prompts for j in range(n)],
             desc=f"revision round {r + 1}",
         )
-        revised_texts = [clean_revision(v.text or "") if v.status == "ok" else "" for v in revisions]
+        candidates = [written[i * n : (i + 1) * n] for i in range(len(prompts))]
+        texts = [[clean_revision(v.text or "") if v.status == "ok" else "" for v in own] for own in candidates]
         verdicts: list = [None] * len(prompts)
+        chosen = [0] * len(prompts)  # which candidate each item keeps (or shows, when all are turned down)
+        candidate_verdicts: list[list] = [[None] * n for _ in prompts]
         if verifier is not None:
-            asked = [i for i, (c, t) in enumerate(zip(critiques, revised_texts)) if t and c.status == "ok" and t.strip() != current[i].strip()]
-            found = verify(verifier, [prompts[i] for i in asked], [revised_texts[i] for i in asked], [current[i] for i in asked],
-                           [principles[i] for i in asked], r, constitution, templates, cfg) if asked else []
-            for i, p in zip(asked, found):
-                verdicts[i] = p
+            asked = [(i, j) for i, c in enumerate(critiques) for j, t in enumerate(texts[i])
+                     if t and c.status == "ok" and t.strip() != current[i].strip()]
+            found = verify(verifier, [prompts[i] for i, _ in asked], [texts[i][j] for i, j in asked], [current[i] for i, _ in asked],
+                           [principles[i] for i, _ in asked], r, constitution, templates, cfg) if asked else []
+            for (i, j), p in zip(asked, found):
+                candidate_verdicts[i][j] = p
+            for i, own in enumerate(candidate_verdicts):
+                scored = [(p, j) for j, p in enumerate(own) if p is not None]
+                if scored:
+                    verdicts[i], chosen[i] = max(scored, key=lambda x: (x[0], -x[1]))  # the first of the best
+        revisions = [candidates[i][chosen[i]] for i in range(len(prompts))]
+        revised_texts = [texts[i][chosen[i]] for i in range(len(prompts))]
         for i, (pr, c, v) in enumerate(zip(principles, critiques, revisions)):
             revised = revised_texts[i]
             rounds[i].append(
@@ -151,6 +165,8 @@ def critique_and_revise(
                 # P(revision better) in both orders; None when not asked (nothing to verify, or the same text)
                 accepted = verdicts[i] is not None and verdicts[i] > 0.5
                 rounds[i][-1].update(verified_p=verdicts[i], accepted=bool(revised and c.status == "ok" and accepted))
+                if n > 1:
+                    rounds[i][-1]["candidates"] = [{"revision": t, "verified_p": p} for t, p in zip(texts[i], candidate_verdicts[i])]
                 if revised and c.status == "ok" and not accepted:
                     continue
             # A failed or empty revision leaves the answer as it was; the record says so.
