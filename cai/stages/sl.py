@@ -27,7 +27,7 @@ from cai.config import Config
 from cai.constitution import Constitution, load_constitution
 from cai.errors import CaiError
 from cai.labelers import GenerateRequest, Labeler, build_labeler, require_writer
-from cai.policy_server import check_policy, open_policy
+from cai.policy_server import check_policy, close_policy, open_policy
 from cai.promptsets import Prompt, split_prompts
 from cai.records import JsonlWriter, atomic_write_json, read_jsonl, record_labeler_usage, save_dataset
 from cai.stages import open_stage
@@ -277,7 +277,7 @@ def run(cfg: Config) -> Path:
             record_labeler_usage(stage.path, labeler)
             labeler.close()
         if policy is not None:
-            policy.close()
+            close_policy(policy, stage.path)  # a server's usage -> policy_usage.json
         if verifier is not None:
             verifier.close()
 
