@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,27 @@ def test_eval_checks_every_model_is_served_before_writing_anything(tmp_path, mod
     assert "\n" not in message and str(run / "rl") in message and server.openai_url in message
     assert "eval.served_models.rl" in message
     assert not (run / "eval").exists() and not server.bodies("/chat/completions")
+
+
+def test_eval_checks_the_rl_snapshots_it_will_sample_too(tmp_path, models, scripted, server):
+    """The over-optimisation curve samples the kept RL snapshots: each must be served (under its folder, or
+    eval.served_models.rl@step-N) before eval writes anything."""
+    cfg = hand_made_run(tmp_path, models, f"policy.base_url={server.openai_url}", "constitution=constitutions/checkable.yaml",
+                        "eval.judge.backend=rules", "eval.agreement_audit=false", rm=True)
+    run = Path(cfg.output_dir)
+    snapshot = run / "rl" / "snapshots" / "step-2"
+    shutil.copytree(models["initial"], snapshot)
+    serving(server, run, initial=str(models["initial"]))
+    with pytest.raises(CaiError) as err:
+        eval_stage.run(cfg)
+    assert str(snapshot) in str(err.value) and "eval.served_models.rl@step-2" in str(err.value)
+    assert not (run / "eval").exists()
+
+
+def test_eval_served_models_names_only_models_eval_samples():
+    from cai.config import load_config
+
+    with pytest.raises(CaiError) as err:
+        load_config(None, ["eval.served_models={final: x}"])
+    assert "\n" not in str(err.value) and "eval.served_models" in str(err.value) and "'final'" in str(err.value)
+    assert load_config(None, ["eval.served_models={rl@step-40: snap}"]).eval.served_models == {"rl@step-40": "snap"}
