@@ -19,7 +19,7 @@ from cai.stages import eval as eval_stage
 from cai.stages import prefs, sl
 from tests.fake_servers import FakeLLMServer
 from tests.fakes import ScriptedLabeler
-from tests.test_eval_report import hand_made_run, models, scripted  # noqa: F401 (fixtures)
+from tests.test_eval_report import hand_made_run, models, overrides, scripted  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -203,6 +203,13 @@ def test_eval_samples_every_model_on_the_server_and_a_rerun_sends_nothing(tmp_pa
     assert sorted((a["model"], a["id"], a["answer"]) for a in again) == sorted((a["model"], a["id"], a["answer"]) for a in answers)
     usage = json.loads((out / "policy_usage.json").read_text())
     assert usage["total"]["requests"] == 20 and usage["total"]["cache_hits"] == 3
+
+    # Finished: it samples nothing, so it needs no server (policy.base_url changes no result).
+    from cai.config import load_config
+
+    gone = load_config(None, [*overrides(tmp_path, models), "policy.base_url=http://127.0.0.1:9/v1",
+                              "policy.served_model=served-initial", "eval.served_models={rl: my-rl}"])
+    assert eval_stage.run(gone) == out
 
 
 def test_eval_of_a_hub_model_served_remotely_records_null_logp(tmp_path, models, scripted, server):

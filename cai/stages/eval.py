@@ -353,10 +353,14 @@ def run(cfg: Config) -> Path:
     prompts = eval_prompts(cfg)
     from cai.models import resolve_model
 
-    sampled = {**sources, **curve_snapshots(cfg, constitution)}  # every model whose answers eval samples
-    for name, served in served_names(cfg, sampled).items():
-        # its weights here, or the server at policy.base_url serving it under its name: one line otherwise
-        check_policy(cfg, sampled[name], served, f"eval.served_models.{name}")
+    path = stage_dir(cfg, "eval")
+    digest = files_digest([path for path, _ in prompt_files(cfg.eval.prompts)])
+    prompts_changed = (path / "prompt_files.sha256").exists() and (path / "prompt_files.sha256").read_text().strip() != digest
+    if prompts_changed or not is_current(cfg, "eval"):  # a finished stage samples nothing: no server needed
+        sampled = {**sources, **curve_snapshots(cfg, constitution)}  # every model whose answers eval samples
+        for name, served in served_names(cfg, sampled).items():
+            # its weights here, or the server at policy.base_url serving it under its name: one line otherwise
+            check_policy(cfg, sampled[name], served, f"eval.served_models.{name}")
     judge_cfg, training_cfg = labeler_config(cfg, "judge"), labeler_config(cfg, "choices")
     circular = circular_judge(cfg)
     audit_agreement = needs_judge and not circular and cfg.eval.agreement_audit
@@ -374,9 +378,7 @@ def run(cfg: Config) -> Path:
     examples = pick_examples(sl_dir, cfg.eval.examples) if cfg.eval.examples and is_current(cfg, "sl") else []
 
     # Prompt files edited since a finished run: resume it, so that only the new prompts are asked.
-    path = stage_dir(cfg, "eval")
-    digest = files_digest([path for path, _ in prompt_files(cfg.eval.prompts)])
-    if (path / DONE).exists() and (path / "prompt_files.sha256").exists() and (path / "prompt_files.sha256").read_text().strip() != digest:
+    if (path / DONE).exists() and prompts_changed:
         print("[eval] the eval.prompts files changed: evaluating their new prompts")
         (path / DONE).unlink()
     stage = open_stage(cfg, "eval", uses_labeler=("judge", "choices") if audit_agreement or cfg.eval.audit_pairs else ("judge",))

@@ -36,7 +36,7 @@ from cai.preferences import (
 )
 from cai.promptsets import split_prompts
 from cai.records import JsonlWriter, atomic_write_json, read_jsonl, save_dataset
-from cai.stages import open_stage, require_done
+from cai.stages import is_current, open_stage, require_done
 from cai.templates import Templates
 
 
@@ -100,7 +100,8 @@ def run(cfg: Config) -> Path:
         from cai.models import resolve_model
 
         resolve_model(choices.model, cfg.cache_dir)
-    check_policy(cfg, str(sft_dir))  # the sft model's weights here, or a server at policy.base_url serving it
+    if not is_current(cfg, "prefs"):  # a finished stage samples nothing: no server needed
+        check_policy(cfg, str(sft_dir))  # the sft model's weights here, or a server at policy.base_url serving it
 
     stage = open_stage(cfg, "prefs", uses_labeler=("choices",))
     if stage.done:
