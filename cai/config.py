@@ -55,8 +55,8 @@ class PolicyConfig(Section):
     # -- sampling on an inference server (docs/scale.md) --
     base_url: str | list[str] | None = Field(
         None,
-        description="OpenAI-compatible server that samples the policy in sl and prefs (e.g. `vllm serve "
-        "MODEL`), instead of this process; a list is a pool, as for labeler.base_url.",
+        description="OpenAI-compatible server that samples the policy in sl and prefs, and the compared models "
+        "in eval (e.g. `vllm serve MODEL`), instead of this process; a list is a pool, as for labeler.base_url.",
     )
     served_model: str | None = Field(
         None,
@@ -418,6 +418,23 @@ class EvalConfig(Section):
     agreement_audit: bool = Field(
         True, description="With an independent judge: ask the training labeler the eval pairs too, and report per principle how often it agrees."
     )
+    # -- sampling on an inference server (policy.base_url; docs/scale.md) --
+    served_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="With policy.base_url: the name the server serves a compared model under, by eval's name for "
+        "it (initial, sft, rl, rl@step-N for an RL snapshot), e.g. {rl: my-rl}. Default: initial = "
+        "policy.served_model or policy.model, the others their stage folder.",
+    )
+
+    @field_validator("served_models")
+    @classmethod
+    def _compared_model_names(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name in value:
+            if not re.fullmatch(r"initial|sft|rl|rl@step-\d+", name):
+                raise ValueError(f"{name!r} is not a model eval samples (initial, sft, rl, rl@step-N)")
+        return value
 
     @field_validator("prompts", mode="before")
     @classmethod

@@ -48,7 +48,8 @@ def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, r
         metrics["refusal_markers"][m] = winrates.rate([float(is_refusal(r["answer"])) for r in rows if r["kind"] == "helpful"], **stats)
         if rewards:
             metrics["reward"][m] = winrates.rate([rewards[m, i] for i in ids], **stats)
-        kl = [r["logp"] - r["logp_ref"] for r in rows if r.get("logp_ref") is not None]
+        # null logp: a model sampled on a server whose weights are not here (eval step 2)
+        kl = [r["logp"] - r["logp_ref"] for r in rows if r.get("logp") is not None and r.get("logp_ref") is not None]
         metrics["kl_to_sft"][m] = winrates.rate(kl, **stats) if kl else None
         metrics["answer_tokens"][m] = winrates.rate([r["tokens"] for r in rows], **stats)
         metrics["answer_words"][m] = sum(len(r["answer"].split()) for r in rows) / len(rows)

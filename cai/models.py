@@ -104,6 +104,21 @@ def resolve_model(name: str, cache_dir: str | Path) -> str:
     )
 
 
+def weights_here(name: str, cache_dir: str | Path) -> bool:
+    """Whether model `name` loads without a download: an embedded alias (converted from the packaged
+    file), a local folder, or a Hugging Face id whose config and weights are in the hub's cache."""
+    name = str(name).strip()
+    if name.lower() in EMBEDDED_ALIASES or Path(name).expanduser().is_dir():
+        return True
+    if not _HF_ID.match(name):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = lambda filename: isinstance(try_to_load_from_cache(name, filename), str)  # noqa: E731
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    return cached("config.json") and any(cached(f) for f in weights)
+
+
 def embedded_cache_folder(alias: str, cache_dir: str | Path) -> Path:
     """Where the converted copy of an embedded model lives (it may not exist yet)."""
     return Path(cache_dir).expanduser() / "models" / alias

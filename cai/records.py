@@ -171,12 +171,14 @@ def mark_done(stage_dir: Path, fingerprint: str) -> None:
     atomic_write_text(Path(stage_dir) / DONE, fingerprint + "\n")
 
 
-def record_labeler_usage(stage_dir: str | Path, labeler) -> dict:
-    """Add this run's labeler spending to `<stage>/labeler_usage.json` (one entry per run, and the total),
-    so a stage resumed three times still shows what it cost altogether."""
-    path = Path(stage_dir) / "labeler_usage.json"
+def record_usage(stage_dir: str | Path, client, role: str) -> dict:
+    """Add this run's spending of `client` (a labeler, or the policy's server sampler) to
+    `<stage>/<role>_usage.json`: one entry per run, each naming its client under `role`, and the total,
+    so a stage resumed three times still shows what it cost altogether. The top-level `role` key names
+    the latest run's client."""
+    path = Path(stage_dir) / f"{role}_usage.json"
     previous = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    runs = previous["runs"] + [labeler.usage.as_dict()]
+    runs = previous["runs"] + [{role: client.id, **client.usage.as_dict()}]
     total: dict = {}
     for run in runs:
         for key, value in run.items():
@@ -186,6 +188,11 @@ def record_labeler_usage(stage_dir: str | Path, labeler) -> dict:
                 sub = total.setdefault(key, {})
                 for name, n in value.items():
                     sub[name] = sub.get(name, 0) + n
-    data = {"labeler": labeler.id, "total": total, "runs": runs}
+    data = {role: client.id, "total": total, "runs": runs}
     atomic_write_json(path, data)
     return data
+
+
+def record_labeler_usage(stage_dir: str | Path, labeler) -> dict:
+    """`<stage>/labeler_usage.json` (record_usage for the labeler)."""
+    return record_usage(stage_dir, labeler, "labeler")

@@ -67,6 +67,7 @@ OPERATIONAL_KEYS = {
     },
     "sft": {"activation_checkpointing"},
     "rm": {"activation_checkpointing"},
+    "eval": {"served_models"},
 }
 OPERATIONAL_KEYS["choice_labeler"] = OPERATIONAL_KEYS["labeler"]
 

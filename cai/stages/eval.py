@@ -8,6 +8,10 @@
    `eval/answers.jsonl` per batch, with its length and its log-probability under the model and under
    the SL-CAI model (the RL stage's reference), so KL(model || reference) needs no second pass. The
    final policy also answers the prompts of a few SL-CAI records, for the report's example table.
+   With `policy.base_url` the answers are sampled on that server, each model asked for under its
+   served name (`eval.served_models`), and only scored here: the log-probabilities come from a
+   forward pass in this process, as OpenAI-compatible servers do not all score a given text. A model
+   whose weights are not here (a hub model served remotely) gets a null `logp`, and its KL is n/a.
 3. Reward-model scores of every answer (skipped, and said so, when `rm/` is missing).
    b. The over-optimisation curve (Gao et al. 2022): each policy snapshot the RL stage kept
       (`rl.keep_snapshots`, every `rl.checkpoint_every` steps) answers the eval prompts too; the proxy
@@ -58,6 +62,7 @@ from cai.judging import (
 )
 from cai.labelers import GenerateRequest, build_labeler, circular_judge, labeler_config, role_key
 from cai.labelers.local import LocalGenerator
+from cai.policy_server import check_policy, close_policy, open_policy
 from cai.promptsets import Prompt, load_prompt_file, prompt_files, split_prompts, training_overlap
 from cai.records import DONE, JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from cai.stages import is_current, open_stage, require_done, stage_dir
@@ -101,6 +106,16 @@ def model_sources(cfg: Config) -> dict[str, str]:
     if len(sources) < 1:
         raise CaiError("eval.models is empty; name at least one of initial, sft, rl")
     return sources
+
+
+def served_names(cfg: Config, sources: dict[str, str]) -> dict[str, str]:
+    """The name each model is asked for on `policy.base_url`: `eval.served_models`, else policy.served_model
+    or policy.model for initial, and the model's folder for the others (vLLM names a model by its path)."""
+    names = {}
+    for name, source in sources.items():
+        default = (cfg.policy.served_model or source) if name == "initial" else source
+        names[name] = cfg.eval.served_models.get(name, default)
+    return names
 
 
 def files_digest(paths: list[str]) -> str:
@@ -160,8 +175,37 @@ def pick_examples(sl_dir: Path, n: int) -> list[dict]:
     return records[:n]
 
 
+@contextmanager
+def answering(cfg: Config, model_name: str, source: str, reference: LocalGenerator | None, usage_dir: Path):
+    """(sampler, scorer) of one model. The sampler draws its answers: on `policy.base_url` when that is
+    set (no weights loaded for it; its usage is added to `usage_dir`/policy_usage.json), else in this
+    process. The scorer gives their log-probabilities: the model in this process, or None when it
+    samples on a server and its weights are not here."""
+    if not cfg.policy.base_url:
+        generator = reference if (model_name == "sft" and reference is not None) else load_generator(source, cfg)
+        yield generator, generator
+        return
+    from cai.models import weights_here
+
+    sampler = open_policy(cfg, source, served_model=served_names(cfg, {model_name: source})[model_name],
+                          name_key=f"eval.served_models.{model_name}")
+    try:
+        if model_name == "sft" and reference is not None:
+            scorer = reference
+        elif weights_here(source, cfg.cache_dir):
+            scorer = load_generator(source, cfg)
+        else:
+            scorer = None
+            print(f"[eval] {model_name}: the weights of {source} are not here, so its answers' log-probabilities "
+                  f"(and KL to the SL-CAI model) are recorded as null")
+        yield sampler, scorer
+    finally:
+        close_policy(sampler, usage_dir)
+
+
 def write_answers(cfg, templates, sources, prompts, path: Path, examples: list[dict], examples_path: Path) -> None:
-    """Every model answers every prompt not yet answered (step 2); the last model answers the examples."""
+    """Every model answers every prompt not yet answered (step 2); the last model answers the examples.
+    On a policy server, what each model's sampling sent is added to policy_usage.json beside `path`."""
     done = {(r["model"], r["id"]) for r in read_jsonl(path, repair=True)}
     sft_dir = stage_dir(cfg, "sft")
     reference_source = str(sft_dir) if is_current(cfg, "sft") else None
@@ -176,42 +220,45 @@ def write_answers(cfg, templates, sources, prompts, path: Path, examples: list[d
     temperature = cfg.eval.temperature if cfg.eval.temperature > 0 else 1.0
     reference = load_generator(reference_source, cfg) if reference_source and any(todo.values()) else None
     ask = lambda text: policy_input(templates, text, cfg.policy.system_prompt)  # noqa: E731
+    # A server takes a batch as concurrent requests: one record write per `concurrency` answers, not per 8.
+    batch_size = max(cfg.policy.batch_size, cfg.policy.concurrency) if cfg.policy.base_url else cfg.policy.batch_size
     with JsonlWriter(path) as writer:
         for model_name, source in sources.items():
             if not todo[model_name] and not (model_name == final and need_examples):
                 continue
-            generator = reference if (model_name == "sft" and reference is not None) else load_generator(source, cfg)
-            rows = todo[model_name]
-            for start in range(0, len(rows), cfg.policy.batch_size):
-                batch = rows[start : start + cfg.policy.batch_size]
-                print(f"[eval] {model_name} answers prompts {len(prompts) - len(rows) + start + 1}-"
-                      f"{len(prompts) - len(rows) + start + len(batch)} of {len(prompts)}")
-                messages = [ask(p.text) for p, _ in batch]
-                generations = generator.generate([GenerateRequest(m, **sampling) for m in messages])
-                answers = [g.text or "" for g in generations]
-                logp = answer_logprobs(generator, messages, answers, temperature)
-                if reference is None:
-                    logp_ref = [None] * len(batch)
-                else:
-                    logp_ref = logp if generator is reference else answer_logprobs(reference, messages, answers, temperature)
-                for (p, set_name), g, a, lp, lr in zip(batch, generations, answers, logp, logp_ref):
-                    writer.write({
-                        "model": model_name, "id": p.id, "kind": p.kind, "set": set_name, "prompt": p.text,
-                        "answer": a, "status": g.status, "tokens": len(generator.tokenizer(a, add_special_tokens=False)["input_ids"]),
-                        "logp": lp, "logp_ref": lr,
-                    })
-            if model_name == final and need_examples:
-                print(f"[eval] {model_name} answers the prompts of {len(examples)} SL-CAI examples")
-                generations = generator.generate([GenerateRequest(ask(r["prompt"]), **sampling) for r in examples])
-                rows_out = [{
-                    "id": r["id"], "prompt": r["prompt"], "first_answer": r["initial"],
-                    "rounds": [{k: x.get(k) for k in ("principle_id", "critique", "revision", "accepted")} for x in r["rounds"]],
-                    "sl_final": r["final"], "policy": model_name, "policy_answer": g.text or "",
-                } for r, g in zip(examples, generations)]
-                atomic_write_text(examples_path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows_out))
-            if generator is not reference:
-                del generator
-                gc.collect()
+            with answering(cfg, model_name, source, reference, path.parent) as (sampler, scorer):
+                rows = todo[model_name]
+                for start in range(0, len(rows), batch_size):
+                    batch = rows[start : start + batch_size]
+                    print(f"[eval] {model_name} answers prompts {len(prompts) - len(rows) + start + 1}-"
+                          f"{len(prompts) - len(rows) + start + len(batch)} of {len(prompts)}")
+                    messages = [ask(p.text) for p, _ in batch]
+                    generations = sampler.generate([GenerateRequest(m, **sampling) for m in messages])
+                    answers = [g.text or "" for g in generations]
+                    logp = answer_logprobs(scorer, messages, answers, temperature) if scorer else [None] * len(batch)
+                    if reference is None:
+                        logp_ref = [None] * len(batch)
+                    else:
+                        logp_ref = logp if scorer is reference else answer_logprobs(reference, messages, answers, temperature)
+                    # answer length in the model's tokens; the server's count when its tokenizer is not here
+                    tokens = [len(scorer.tokenizer(a, add_special_tokens=False)["input_ids"]) if scorer else g.output_tokens
+                              for g, a in zip(generations, answers)]
+                    for (p, set_name), g, a, n, lp, lr in zip(batch, generations, answers, tokens, logp, logp_ref):
+                        writer.write({
+                            "model": model_name, "id": p.id, "kind": p.kind, "set": set_name, "prompt": p.text,
+                            "answer": a, "status": g.status, "tokens": n, "logp": lp, "logp_ref": lr,
+                        })
+                if model_name == final and need_examples:
+                    print(f"[eval] {model_name} answers the prompts of {len(examples)} SL-CAI examples")
+                    generations = sampler.generate([GenerateRequest(ask(r["prompt"]), **sampling) for r in examples])
+                    rows_out = [{
+                        "id": r["id"], "prompt": r["prompt"], "first_answer": r["initial"],
+                        "rounds": [{k: x.get(k) for k in ("principle_id", "critique", "revision", "accepted")} for x in r["rounds"]],
+                        "sl_final": r["final"], "policy": model_name, "policy_answer": g.text or "",
+                    } for r, g in zip(examples, generations)]
+                    atomic_write_text(examples_path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows_out))
+            del sampler, scorer  # this model's weights go before the next model's load
+            gc.collect()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -225,6 +272,16 @@ def snapshot_sources(cfg: Config) -> dict[str, str]:
     return {f"rl@{p.name}": str(p) for p in found}
 
 
+def curve_snapshots(cfg: Config, constitution) -> dict[str, str]:
+    """The RL snapshots the over-optimisation curve samples: none without rl among eval.models, a
+    finished reward model (the proxy) or a check (the gold)."""
+    from cai.checks import distinct_checks
+
+    if "rl" not in cfg.eval.models or not is_current(cfg, "rm") or not distinct_checks(constitution):
+        return {}
+    return snapshot_sources(cfg)
+
+
 def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: dict, rewards: dict | None, path: Path) -> list[dict] | None:
     """Proxy (reward-model score) and gold (the checks' compliance) of the SL-CAI model, each kept RL
     snapshot and the final policy, against their KL to the SL-CAI reference (Gao et al. 2022).
@@ -235,9 +292,9 @@ def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: d
     """
     from cai.checks import compliance, distinct_checks
 
-    snapshots = snapshot_sources(cfg)
+    snapshots = curve_snapshots(cfg, constitution)
     checks = distinct_checks(constitution)
-    if not snapshots or not rewards or not checks or "rl" not in cfg.eval.models:
+    if not snapshots or not rewards:
         return None
     write_answers(cfg, templates, snapshots, prompts, path, [], path.with_suffix(".unused"))
     rows = {(r["model"], r["id"]): r for r in read_jsonl(path)}
@@ -253,7 +310,7 @@ def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: d
             proxy = scorer([p.text for p, _ in mine], [r["answer"] for _, r in mine])
         else:
             proxy = [rewards[model, p.id] for p, _ in mine]
-        kl = [r["logp"] - r["logp_ref"] for _, r in mine if r.get("logp_ref") is not None]
+        kl = [r["logp"] - r["logp_ref"] for _, r in mine if r.get("logp") is not None and r.get("logp_ref") is not None]
         gold = [float(compliance(checks, p.text, r["answer"], p.kind)["complies"]) for p, r in mine]
         step = 0 if model == "sft" else (cfg.rl.steps if model == "rl" else int(model.split("-")[1]))
         points.append({"model": model, "step": step, "kl": sum(kl) / len(kl) if kl else None,
@@ -296,8 +353,14 @@ def run(cfg: Config) -> Path:
     prompts = eval_prompts(cfg)
     from cai.models import resolve_model
 
-    for source in sources.values():
-        resolve_model(source, cfg.cache_dir)
+    path = stage_dir(cfg, "eval")
+    digest = files_digest([path for path, _ in prompt_files(cfg.eval.prompts)])
+    prompts_changed = (path / "prompt_files.sha256").exists() and (path / "prompt_files.sha256").read_text().strip() != digest
+    if prompts_changed or not is_current(cfg, "eval"):  # a finished stage samples nothing: no server needed
+        sampled = {**sources, **curve_snapshots(cfg, constitution)}  # every model whose answers eval samples
+        for name, served in served_names(cfg, sampled).items():
+            # its weights here, or the server at policy.base_url serving it under its name: one line otherwise
+            check_policy(cfg, sampled[name], served, f"eval.served_models.{name}")
     judge_cfg, training_cfg = labeler_config(cfg, "judge"), labeler_config(cfg, "choices")
     circular = circular_judge(cfg)
     audit_agreement = needs_judge and not circular and cfg.eval.agreement_audit
@@ -315,9 +378,7 @@ def run(cfg: Config) -> Path:
     examples = pick_examples(sl_dir, cfg.eval.examples) if cfg.eval.examples and is_current(cfg, "sl") else []
 
     # Prompt files edited since a finished run: resume it, so that only the new prompts are asked.
-    path = stage_dir(cfg, "eval")
-    digest = files_digest([path for path, _ in prompt_files(cfg.eval.prompts)])
-    if (path / DONE).exists() and (path / "prompt_files.sha256").exists() and (path / "prompt_files.sha256").read_text().strip() != digest:
+    if (path / DONE).exists() and prompts_changed:
         print("[eval] the eval.prompts files changed: evaluating their new prompts")
         (path / DONE).unlink()
     stage = open_stage(cfg, "eval", uses_labeler=("judge", "choices") if audit_agreement or cfg.eval.audit_pairs else ("judge",))

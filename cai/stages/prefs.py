@@ -25,6 +25,7 @@ from cai.config import Config
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.labelers import GenerateRequest, build_labeler, labeler_config, require_writer
+from cai.policy_server import check_policy, close_policy, open_policy
 from cai.preferences import (
     PairItem,
     check_labeler_reads,
@@ -35,7 +36,7 @@ from cai.preferences import (
 )
 from cai.promptsets import split_prompts
 from cai.records import JsonlWriter, atomic_write_json, read_jsonl, save_dataset
-from cai.stages import open_stage, require_done
+from cai.stages import is_current, open_stage, require_done
 from cai.templates import Templates
 
 
@@ -99,6 +100,8 @@ def run(cfg: Config) -> Path:
         from cai.models import resolve_model
 
         resolve_model(choices.model, cfg.cache_dir)
+    if not is_current(cfg, "prefs"):  # a finished stage samples nothing: no server needed
+        check_policy(cfg, str(sft_dir))  # the sft model's weights here, or a server at policy.base_url serving it
 
     stage = open_stage(cfg, "prefs", uses_labeler=("choices",))
     if stage.done:
@@ -109,8 +112,6 @@ def run(cfg: Config) -> Path:
     sampled = {s["id"]: s for s in read_jsonl(samples_path, repair=True)}
     todo = [p for p in prompts if p.id not in sampled]
     if todo:
-        from cai.policy_server import open_policy
-
         policy = open_policy(cfg, str(sft_dir))  # in this process, or on policy.base_url
         k = cfg.prefs.samples_per_prompt
         sampling = dict(
@@ -120,29 +121,31 @@ def run(cfg: Config) -> Path:
         )
         per_batch = max(1, cfg.policy.batch_size // k)
         already = len(sampled)
-        with JsonlWriter(samples_path) as writer:
-            for start in range(0, len(todo), per_batch):
-                batch = todo[start : start + per_batch]
-                print(f"[prefs] sampling answers for prompts {already + start + 1}-{already + start + len(batch)} of {len(prompts)}")
-                requests = [
-                    GenerateRequest(policy_input(templates, p.text, cfg.policy.system_prompt), sample_index=s, **sampling)
-                    for p in batch
-                    for s in range(k)
-                ]
-                answers = policy.generate(requests)
-                for n, p in enumerate(batch):
-                    own = answers[n * k : (n + 1) * k]
-                    record = {
-                        "id": p.id,
-                        "kind": p.kind,
-                        "prompt": p.text,
-                        "answers": [a.text or "" for a in own],
-                        "statuses": [a.status for a in own],
-                        "policy": str(sft_dir),
-                    }
-                    writer.write(record)
-                    sampled[p.id] = record
-        policy.close()
+        try:
+            with JsonlWriter(samples_path) as writer:
+                for start in range(0, len(todo), per_batch):
+                    batch = todo[start : start + per_batch]
+                    print(f"[prefs] sampling answers for prompts {already + start + 1}-{already + start + len(batch)} of {len(prompts)}")
+                    requests = [
+                        GenerateRequest(policy_input(templates, p.text, cfg.policy.system_prompt), sample_index=s, **sampling)
+                        for p in batch
+                        for s in range(k)
+                    ]
+                    answers = policy.generate(requests)
+                    for n, p in enumerate(batch):
+                        own = answers[n * k : (n + 1) * k]
+                        record = {
+                            "id": p.id,
+                            "kind": p.kind,
+                            "prompt": p.text,
+                            "answers": [a.text or "" for a in own],
+                            "statuses": [a.status for a in own],
+                            "policy": str(sft_dir),
+                        }
+                        writer.write(record)
+                        sampled[p.id] = record
+        finally:
+            close_policy(policy, stage.path)  # a server's usage -> policy_usage.json
         del policy
 
     # 3. Pairs of distinct, non-empty answers.

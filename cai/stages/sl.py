@@ -29,10 +29,10 @@ from cai.config import Config
 from cai.constitution import Constitution, load_constitution
 from cai.errors import CaiError
 from cai.labelers import GenerateRequest, Labeler, build_labeler, require_writer
-from cai.policy_server import check_policy, open_policy
+from cai.policy_server import check_policy, close_policy, open_policy
 from cai.promptsets import Prompt, split_prompts
 from cai.records import JsonlWriter, atomic_write_json, read_jsonl, record_labeler_usage, save_dataset
-from cai.stages import open_stage
+from cai.stages import is_current, open_stage
 from cai.templates import Templates
 
 
@@ -225,7 +225,8 @@ def run(cfg: Config) -> Path:
     from cai.models import resolve_model
 
     require_writer(cfg, "text", "critiques and revisions")
-    check_policy(cfg, cfg.policy.model)  # its weights here, or a server at policy.base_url serving it
+    if not is_current(cfg, "sl"):  # a finished stage samples nothing: no server needed
+        check_policy(cfg, cfg.policy.model)  # its weights here, or a server at policy.base_url serving it
     if cfg.labeler.backend == "local":
         resolve_model(cfg.labeler.model, cfg.cache_dir)
 
@@ -293,7 +294,7 @@ def run(cfg: Config) -> Path:
             record_labeler_usage(stage.path, labeler)
             labeler.close()
         if policy is not None:
-            policy.close()
+            close_policy(policy, stage.path)  # a server's usage -> policy_usage.json
         if verifier is not None:
             verifier.close()
 
