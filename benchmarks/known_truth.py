@@ -48,7 +48,8 @@ from cai.templates import Templates  # noqa: E402
 CONFIG = ROOT / "configs" / "known_truth.yaml"
 SMALL = ["data.limit=24", "sft.epochs=1", "rm.epochs=1", "prefs.samples_per_prompt=2", "rl.steps=2", "rl.batch_size=4",
          "rl.minibatch_size=2", "rl.checkpoint_every=1", "eval.limit=6", "eval.bootstrap=200", "eval.examples=1"]
-DPO = ["rl.algorithm=dpo", "rl.dpo_min_label_prob=0.6", "rl.steps=40", "eval.models=[rl]"]
+# 0.55: a pair that one principle of seven separates (the six others tie) has a label of 4/7 = 0.571
+DPO = ["rl.algorithm=dpo", "rl.dpo_min_label_prob=0.55", "rl.steps=40", "eval.models=[rl]"]
 MARK_BEGIN, MARK_END = "<!-- known_truth: begin -->", "<!-- known_truth: end -->"
 
 
