@@ -145,6 +145,22 @@ def summarise(scores: dict, baseline: dict, seed: int = 0) -> dict:
             "over_refusal": rate(refuse), "over_refusal_gain": rate(refusal_gain), "helpful_prompts": len(refuse)}
 
 
+def check_rates(run_dir: Path, model: str) -> dict:
+    """{check id: {"n", "mean", "ci"}}: how often `model`'s answers pass each check, where it applies."""
+    return json.loads((run_dir / "eval" / "metrics.json").read_text())["check_pass_rates"][model]
+
+
+def check_table(rates: dict) -> str:
+    """Per policy, the pass rate of each check on the held-out prompts it applies to, with its interval."""
+    checks = list(next(iter(rates.values())))
+    lines = ["| policy | " + " | ".join(f"{c} (n={next(iter(rates.values()))[c]['n']})" for c in checks) + " |",
+             "|---|" + "---:|" * len(checks)]
+    for name, per_check in rates.items():
+        lines.append(f"| {name} | " + " | ".join(f"{pct(per_check[c]['mean'])} {ci(per_check[c]).replace('+', '')}"
+                                                 for c in checks) + " |")
+    return "\n".join(lines)
+
+
 def pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
@@ -193,8 +209,10 @@ def main(argv=None) -> int:
     baseline = scores["initial"]
     results = {}
     labeler_name = "checks (exact)"
+    rates = {}
     for model, title in (("initial", "initial"), ("sft", "SL-CAI"), ("rl", "SL-CAI → PPO")):
         results[title] = {"labeler": "—" if model == "initial" else labeler_name, **summarise(scores[model], baseline, exact.seed)}
+        rates[title] = check_rates(out / "exact", model)
 
     # 2. dpo on the same labels
     if not args.skip_dpo:
@@ -202,6 +220,7 @@ def main(argv=None) -> int:
         dpo = load_config(CONFIG, [f"output_dir={out / 'dpo'}", *common, *DPO])
         if trained(dpo, timings, "dpo", notes):
             results["SL-CAI → DPO"] = {"labeler": labeler_name, **summarise(per_prompt(out / "dpo")["rl"], baseline, exact.seed)}
+            rates["SL-CAI → DPO"] = check_rates(out / "dpo", "rl")
 
     # 3. simulated labelers on the same pairs
     quality = {}
@@ -224,9 +243,11 @@ def main(argv=None) -> int:
             results[f"{name}, accuracy {accuracy:g}"] = {
                 "labeler": f"accuracy {accuracy:g}, position bias {args.position_bias:g}",
                 **summarise(per_prompt(run_dir)["rl"], baseline, exact.seed)}
+            rates[f"{name}, accuracy {accuracy:g}"] = check_rates(run_dir, "rl")
 
     elapsed = time.time() - started
-    lines = [table(results), "", "Simulated labelers' preference labels against the checks (pairs the checks do not call a tie):", "",
+    lines = [table(results), "", "Each check's pass rate on the held-out prompts it applies to, % [95% CI]:", "", check_table(rates), "",
+             "Simulated labelers' preference labels against the checks (pairs the checks do not call a tie):", "",
              "| accuracy | position bias | label sides with the checks, both orders % [95% CI] | one order % [95% CI] | pairs |",
              "|---:|---:|---:|---:|---:|"]
     for accuracy, q in quality.items():
@@ -235,11 +256,11 @@ def main(argv=None) -> int:
                      f"{pct(one['mean'])} {ci(one).replace('+', '')} | {both['pairs']} |")
     lines += [""] + [f"- {n}" for n in notes] if notes else []
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
-              f"", f"Total: {elapsed / 60:.1f} min (stages skipped as already complete take ~0 s)."]
+              "", f"Total: {elapsed / 60:.1f} min (stages skipped as already complete take ~0 s)."]
     text = "\n".join(lines)
     print("\n" + text)
     atomic_write_text(out / "results.md", text + "\n")
-    (out / "results.json").write_text(json.dumps({"results": results, "label_quality": quality, "timings": timings,
+    (out / "results.json").write_text(json.dumps({"results": results, "check_pass_rates": rates, "label_quality": quality, "timings": timings,
                                                    "notes": notes, "seconds": elapsed, "small": args.small,
                                                    "overrides": args.overrides}, indent=1))
     if args.record:
