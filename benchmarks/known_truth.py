@@ -105,7 +105,7 @@ def label_quality(rows: list[dict], key: str) -> dict:
     return {"pairs": len(decisive), **winrates.rate(agree)}
 
 
-def write_relabeled_dataset(run_dir: Path, rows: list[dict], key: str, system_prompt) -> None:
+def write_relabeled_dataset(run_dir: Path, rows: list[dict], key: str, cfg) -> None:
     """prefs/records.jsonl and prefs/dataset/ of a copied run, with the simulated labels."""
     import datasets
 
@@ -114,7 +114,9 @@ def write_relabeled_dataset(run_dir: Path, rows: list[dict], key: str, system_pr
     labeled = [{**r, "label_prob": r[key]} for r in rows]
     atomic_write_text(run_dir / "prefs" / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in labeled))
     shutil.rmtree(run_dir / "prefs" / "dataset", ignore_errors=True)
-    save_dataset(datasets.Dataset.from_list([to_preference_row(r, system_prompt) for r in labeled]), run_dir / "prefs" / "dataset")
+    templates = Templates(cfg.templates)
+    rows = [to_preference_row(r, templates, cfg.policy.system_prompt) for r in labeled if r.get("status", "ok") == "ok"]
+    save_dataset(datasets.Dataset.from_list(rows), run_dir / "prefs" / "dataset")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -234,9 +236,10 @@ def main(argv=None) -> int:
                 continue
             run_dir = out / f"sim-{accuracy:g}-{orders}"
             copy_stages(out / "exact", run_dir)
-            write_relabeled_dataset(run_dir, rows, key, exact.policy.system_prompt)
-            cfg = load_config(CONFIG, [f"output_dir={run_dir}", *common, *DPO, f"choice_labeler.simulated_accuracy={accuracy}",
-                                       f"choice_labeler.simulated_position_bias={args.position_bias}"])
+            write_relabeled_dataset(run_dir, rows, key, exact)
+            # The config of the copied stages (the SL stage's verifier is the exact checks); the simulated
+            # labeler's labels are in the dataset written above, and its id in the prefs records.
+            cfg = load_config(CONFIG, [f"output_dir={run_dir}", *common, *DPO])
             if not trained(cfg, timings, run_dir.name, notes):
                 continue
             name = f"SL-CAI → DPO, simulated labeler ({'both orders' if orders == 'both' else 'one order'})"
