@@ -82,7 +82,10 @@ class Markup:
         while True:
             opened = self.pattern("user", 0).match(text, pos)
             if opened is None or not text[opened.start():opened.end()].strip():
-                if text[pos:].strip():
+                rest = text[pos:]
+                for end in self.ends:  # an end-of-text token after the last turn
+                    rest = rest.replace(end, "")
+                if rest.strip():
                     return None  # something else follows: not this format
                 return (messages, None) if messages else None
             closed = self.pattern("user", 1).search(text, opened.end())
@@ -136,34 +139,32 @@ class Markup:
         texts and comparing what surrounds them; None when the template does not show them apart."""
         u1, a1, u2, s0 = "\x01U1\x01", "\x01A1\x01", "\x01U2\x01", "\x01S0\x01"
 
-        def render(messages) -> str | None:
+        def render(messages, generation=True) -> str | None:
             try:
-                return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
             except Exception:  # noqa: BLE001 - a template may refuse a role (Gemma's system turn)
                 return None
 
-        one = render([{"role": "user", "content": u1}])
-        three = render([{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
-                        {"role": "user", "content": u2}])
-        if not one or not three or any(s not in three for s in (u1, a1, u2)) or u1 not in one:
+        user, answer, again = {"role": "user", "content": u1}, {"role": "assistant", "content": a1}, {"role": "user", "content": u2}
+        one, one_closed = render([user]), render([user], generation=False)
+        two, three = render([user, answer], generation=False), render([user, answer, again])
+        if not all(t and u1 in t for t in (one, one_closed, two, three)) or a1 not in two or a1 not in three or u2 not in three:
             return None
         # the begin-of-text token, when the template writes it once in front (not when it is a turn marker)
         bos = tokenizer.bos_token if isinstance(getattr(tokenizer, "bos_token", None), str) else None
-        turn_markers = three.split(a1)[1].split(u2)[0]
-        if not bos or not one.startswith(bos) or bos in turn_markers:
+        between_au = three.split(a1)[1].split(u2)[0]
+        if not bos or not one.startswith(bos) or bos in between_au:
             bos = None
-        else:
-            one, three = one[len(bos):], three[len(bos):]
-        head, tail = one.split(u1)
-        between_ua, rest = three.split(u1)[1].split(a1)
-        between_au = rest.split(u2)[0]
-        user_open = _common_suffix(head, between_au)
-        user_close = _common_prefix(tail, between_ua)
-        if not user_open.strip() or not user_close.strip():
+        user_close = one_closed.split(u1)[1]  # what closes a user turn when nothing follows it
+        assistant_close = two.split(a1)[1]
+        between_ua = two.split(u1)[1].split(a1)[0]
+        if not user_close.strip() or not assistant_close.strip() or not between_ua.startswith(user_close) \
+                or not between_au.startswith(assistant_close):
             return None
         assistant_open = between_ua[len(user_close):]
-        assistant_close = between_au[: len(between_au) - len(user_open)]
-        if not assistant_close.strip():
+        user_open = between_au[len(assistant_close):]
+        head = one.split(u1)[0]
+        if not user_open.strip() or not head.endswith(user_open):
             return None
         system = None
         with_system = render([{"role": "system", "content": s0}, {"role": "user", "content": u1}])
@@ -192,13 +193,6 @@ def _common_prefix(a: str, b: str) -> str:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return a[:n]
-
-
-def _common_suffix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return a[len(a) - n:]
 
 
 FAMILIES = (

@@ -812,10 +812,14 @@ def _items_from_openrlhf(body: Any, max_items: int, markup=None) -> list[ScoreIt
         if prompt is not None:
             read = untemplate(prompt, markup)
             answer, how = split_query(query, prompt)
-        else:  # an older client: the answer is the turn the query leaves open
+        else:  # an older client: the answer is the query's last turn, the one it leaves open or its last assistant turn
             read = untemplate(query, markup)
-            answer, how = (read.open_turn, "the open turn of the query's markup") if read.markup and read.open_turn is not None \
-                else (None, "no `prompts` were sent and the query has no chat markup to find the answer in")
+            answer, how = None, "no `prompts` were sent and the query has no chat markup to find the answer in"
+            if read.markup and read.open_turn is not None:
+                answer, how = read.open_turn, "the open turn of the query's markup"
+            elif read.markup and len(read.messages) > 1 and read.messages[-1]["role"] == "assistant":
+                answer, how = read.messages[-1]["content"], "the last turn of the query's markup"
+                read.messages = read.messages[:-1]
         used = read.markup or markup
         notes = {"markup": used.name if used else None, "answer_from": how if answer is not None else None}
         if answer is None:
