@@ -142,14 +142,21 @@ def group_win_rates(size: int, p_first: dict[tuple[int, int], float | None]) -> 
 
 
 def _known_kinds(cfg) -> dict[str, str]:
-    """The run's own prompts (data and eval.prompts) -> their kind: the fallback when a caller sends none."""
-    from cai.labelers.rules import prompt_kinds
+    """Every prompt of the run's files (data.red_team, data.helpful, eval.prompts; all of them, not only the
+    ones data.limit keeps) -> its kind: the fallback when a caller sends none. A text in both sets is red-team."""
+    from cai.promptsets import load_prompt_file, load_prompt_texts, prompt_files
 
+    kinds: dict[str, str] = {}
     try:
-        return prompt_kinds(cfg)
-    except CaiError as err:  # a data source that does not load here (a hub dataset offline): no fallback
+        for kind in ("red_team", "helpful"):
+            for text in load_prompt_texts(getattr(cfg.data, kind), kind, cfg.data.column, cfg.data.split):
+                kinds.setdefault(text, kind)
+        for path, kind in prompt_files(cfg.eval.prompts):
+            for prompt in load_prompt_file(path, kind):
+                kinds.setdefault(prompt.text, prompt.kind)
+    except CaiError as err:  # a data source that does not load here (a hub dataset offline): no fallback from it
         log.warning("prompt kinds from the run's files are not available: %s", err)
-        return {}
+    return kinds
 
 
 # -------------------------------------------------------------------------------------------------
