@@ -33,7 +33,7 @@ import urllib.error
 import urllib.request
 
 from cai.errors import CaiError
-from cai.serve import ScoreItem, ScoreResult
+from cai.serve_judge import ScoreItem, ScoreResult
 
 TOKEN_ENV = "CAI_SERVE_TOKEN"
 
@@ -243,7 +243,7 @@ def _client(url: str | None, config: str | None) -> JudgeClient:
                 _clients[key] = JudgeClient(url)
             elif config:
                 from cai.config import load_config
-                from cai.serve import Judge
+                from cai.serve_judge import Judge
 
                 _clients[key] = JudgeClient(judge=Judge(load_config(config)))
             else:

@@ -161,6 +161,6 @@ def test_a_prompt_file_edited_in_place_makes_the_stages_that_read_it_stale(tiny_
 
 
 def test_serve_and_policy_models_read_stage_state_not_the_stages():
-    for module in ("serve.py", "policy_models.py", "integrations.py"):
+    for module in ("serve.py", "serve_judge.py", "policy_models.py", "integrations.py"):
         text = (ROOT / "cai" / module).read_text()
         assert "cai.stages" not in text, module
