@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -568,12 +569,19 @@ def serve(cfg) -> None:
                 print(f"cai serve: {serve_summary(cfg, judge)} on http://{host}:{port}", flush=True)
 
     server.startup = startup
+    # uvicorn hands SIGTERM back to the process once it has shut down; by default that ends the process
+    # there, before the labeler is closed and its usage printed: leave through `finally` instead.
+    signal.signal(signal.SIGTERM, _leave)
     try:
         server.run()
     finally:
         usage = judge.usage
         judge.close()  # after the app's shutdown has finished the batch in hand
         print(f"cai serve: stopped; labeler usage {json.dumps(usage)}", flush=True)
+
+
+def _leave(signum, _frame):
+    raise SystemExit(128 + signum)
 
 
 def serve_summary(cfg, judge: Judge) -> str:

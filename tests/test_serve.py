@@ -748,16 +748,26 @@ def test_one_bad_item_fails_alone_in_every_mode(tmp_path):
     assert [r["reward"] for r in group["results"][:2]] == pytest.approx([3 / 4, 1 / 4])
 
 
-def test_the_local_labeler_fails_an_oversized_item_alone(tmp_path, tiny_model_dir):
-    from cai.labelers import build_labeler
+def test_the_local_labeler_fails_an_oversized_item_alone(tmp_path):
+    """A model with learned positions (GPT-2's) raises on a batch that holds one input longer than it reads:
+    that input fails, saying why, and the others of the batch are scored."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = config(tmp_path, "serve.mode=pointwise", f"labeler.model={tiny_model_dir}", "labeler.cache=false",
-                 "labeler.batch_size=4")
+    from cai.labelers import build_labeler
+    from tests.tiny import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=400, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    folder = tmp_path / "gpt2"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = config(tmp_path, "serve.mode=pointwise", f"labeler.model={folder}", "labeler.cache=false", "labeler.batch_size=4")
     judge = Judge(cfg, labeler=build_labeler(cfg, role="choices"))
-    huge = "word " * 700  # more tokens than the tiny model's 512 positions
+    huge = "word " * 500  # more tokens than its 400 positions
     results = judge.score([ScoreItem("q", "a short answer"), ScoreItem("q", huge), ScoreItem("r", "another one")])
     assert [r.status for r in results] == ["ok", "failed", "ok"]
-    assert "max_position_embeddings=512" in results[1].error
+    assert "more than the labeler model reads (max_position_embeddings=400)" in results[1].error
 
 
 def test_closing_finishes_the_batch_in_hand_before_the_labeler_closes(tmp_path):
@@ -799,3 +809,19 @@ def test_sampled_references_come_from_sft_only_when_it_is_current(tmp_path):
     assert judge.reference_model() == "base-model"  # finished under another seed
     finish(cfg, "sft")
     assert judge.reference_model() == str(sft)
+
+
+def test_sigterm_stops_the_service_in_order(tmp_path):
+    """SIGTERM (what a scheduler sends): the app shuts down, then the labeler is closed and its usage printed."""
+    import yaml
+
+    cfg_path = tmp_path / "serve.yaml"
+    cfg_path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
+                                        "constitution": "constitutions/checkable.yaml", "labeler": {"backend": "rules"}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("CAI_SERVE_TOKEN", None)
+    process = _start_cli(cfg_path, _free_port(), env)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert out.index("Application shutdown complete") < out.index("cai serve: stopped; labeler usage")
+    assert process.returncode == 128 + signal.SIGTERM

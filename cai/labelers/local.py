@@ -428,7 +428,7 @@ class LocalLabeler:
         return {"id": self.id, "weights": weights, "seed": self.generator.seed, "system": self.generator.system_prompt}
 
     def _too_long(self, request) -> str | None:
-        """Why the model cannot read `request` (more tokens than its context), or None."""
+        """Why the model cannot read `request` (more tokens than its positions), or None."""
         limit = getattr(self.generator.model.config, "max_position_embeddings", None)
         if not isinstance(limit, int):
             return None
@@ -440,19 +440,15 @@ class LocalLabeler:
         """Each request alone (after a batch failed), so that one bad request fails alone."""
         out = []
         for request in requests:
-            why = self._too_long(request)
-            if why is None:
-                try:
-                    out.append(method([request], None)[0])
-                    continue
-                except (RuntimeError, ValueError, IndexError) as err:  # torch's errors, out of memory included
-                    why = f"{type(err).__name__}: {err}"[:300]
-            out.append(failed(why))
+            try:
+                out.append(method([request], None)[0])
+            except (RuntimeError, ValueError, IndexError) as err:  # torch's errors, out of memory included
+                out.append(failed(self._too_long(request) or f"{type(err).__name__}: {err}"[:300]))
         return out
 
     def _in_batches(self, method, requests: list, desc: str | None, on_result) -> list:
-        """`method` over batches; a batch that fails (a request longer than the model's context, out of
-        memory) is asked again one request at a time, and only the request that fails alone fails."""
+        """`method` over batches; a batch that raises (a request longer than a model with learned positions
+        reads, out of memory) is asked again one request at a time, and only a request that raises alone fails."""
         failed = (lambda why: Choice(None, status="failed", error=why)) if method == self.generator.option_probs \
             else (lambda why: Generation(None, status="failed", error=why))
         results: list = []
@@ -460,13 +456,10 @@ class LocalLabeler:
         with tqdm(total=len(requests), desc=desc, disable=desc is None, leave=False) as bar:
             for start in range(0, len(requests), size):
                 batch = requests[start : start + size]
-                if any(self._too_long(r) for r in batch):
+                try:
+                    chunk = method(batch, None)
+                except (RuntimeError, ValueError, IndexError):
                     chunk = self._one_by_one(method, batch, failed)
-                else:
-                    try:
-                        chunk = method(batch, None)
-                    except (RuntimeError, ValueError, IndexError):
-                        chunk = self._one_by_one(method, batch, failed)
                 for offset, result in enumerate(chunk):
                     if on_result is not None:
                         on_result(start + offset, result)
