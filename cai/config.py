@@ -463,7 +463,9 @@ class ServeConfig(Section):
         description="pointwise: the labeler's 0-9 rating scaled to [-1, 1] (d-RLAIF); pairwise: P(answer better "
         "than a reference); group: each answer's debiased win rate against the others of its group (GRPO).",
     )
-    host: str = Field("127.0.0.1", description="Address to bind; anything but loopback needs a token in $serve.token_env.")
+    host: str = Field(
+        "127.0.0.1", description="Address to bind; anything but loopback needs a token in $serve.token_env or serve.trusted_networks."
+    )
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port, printed at start).")
     token_env: str = Field(
         "CAI_SERVE_TOKEN", description="Environment variable holding the bearer token callers must send (when set)."
@@ -490,6 +492,46 @@ class ServeConfig(Section):
     failed_reward: float | None = Field(
         None, description="Reward sent for an item that could not be scored where a number is required (None = the mode's neutral value)."
     )
+    group_size: int | None = Field(
+        None, ge=2, description="Group mode: answers per prompt the engine samples (OpenRLHF's n_samples_per_prompt, "
+        "verl's rollout.n); the answers to one prompt are gathered across requests until that many arrived. "
+        "None = the answers to one prompt in one request form its group.",
+    )
+    group_wait: float = Field(
+        60.0, gt=0, description="Group mode with serve.group_size: seconds after a group's first answer before it is "
+        "scored with the answers that came (status 'short').",
+    )
+    per_principle: bool = Field(
+        False, description="Ask every comparison principle for every answer (pointwise: one rating per principle), "
+        "so that each answer has a reward per principle: verl's GDPO keys, TRL's per-principle reward functions.",
+    )
+    policy_model: str | None = Field(
+        None, description="The model the engine trains: its tokenizer's chat template and special tokens are read "
+        "back out of OpenRLHF's text (None = the markup of the common families, docs/serve.md).",
+    )
+    trusted_networks: list[str] = Field(
+        default_factory=list, description="Networks (CIDR, e.g. 10.0.0.0/8) whose callers need no bearer token "
+        "(OpenRLHF sends none); anyone else needs the token, or gets 401.",
+    )
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        from ipaddress import ip_network
+
+        for network in value:
+            try:
+                ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network (write it as CIDR, e.g. 10.0.0.0/8)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _wait_within_the_request(self):
+        if self.group_size is not None and self.group_wait >= self.request_timeout:
+            raise ValueError(f"serve.group_wait ({self.group_wait:g} s) must be shorter than serve.request_timeout "
+                             f"({self.request_timeout:g} s), or a group's requests time out before it is scored")
+        return self
 
 
 class Config(Section):

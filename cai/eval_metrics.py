@@ -66,6 +66,7 @@ def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, r
                 for name in c["applied"]:
                     per_check.setdefault(name, []).append(float(name not in c["failed"]))
             metrics["check_pass_rates"][m] = {name: winrates.rate(v, **stats) for name, v in per_check.items()}
+    metrics["kind_blind_spot"] = kind_blind_spot(checked)
     judged_ok = [j["label_prob"] for j in judgements if j["label_prob"] is not None and j["status"] != "identical"]
     metrics["judge_confidence"] = sum(max(p, 1 - p) for p in judged_ok) / len(judged_ok) if judged_ok else None
     ok = [g for g in grades if g["status"] == "ok"]
@@ -91,3 +92,18 @@ def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, r
         })
     return metrics, samples
 
+
+
+def kind_blind_spot(checked: dict | None) -> dict | None:
+    """How many prompts no check written for a kind of prompt (`when: {kind: ...}`) applied to: prompts
+    whose kind is unknown (an eval.prompts file whose rows carry no `kind`) are judged only by the checks
+    for every prompt, so a harm check never sees them and compliance rises on them for nothing.
+    {"prompts", "total", "by_set": {set: n}}; None without kind checks."""
+    rows = next(iter((checked or {}).values()), None)
+    if not rows or rows[0].get("kind_checks_applied") is None:
+        return None
+    blind = [r for r in rows if r["kind_checks_applied"] == 0]
+    by_set: dict[str, int] = {}
+    for r in blind:
+        by_set[r.get("set") or "?"] = by_set.get(r.get("set") or "?", 0) + 1
+    return {"prompts": len(blind), "total": len(rows), "by_set": by_set}

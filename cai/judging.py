@@ -116,16 +116,38 @@ def grade_answers(cfg, labeler, labeler_cfg, templates, answers: dict, todo: lis
 # The checks' compliance (exact, no labeler) and the held-out-judge audit
 
 
+def kind_checks(checks: dict) -> list[str]:
+    """The checks whose `when` names a kind of prompt: they apply only to a prompt whose kind is known."""
+    import json
+
+    def names_kind(node) -> bool:
+        if isinstance(node, dict):
+            return "kind" in node or any(names_kind(v) for v in node.values())
+        return isinstance(node, list) and any(names_kind(v) for v in node)
+
+    return [pid for pid, check in checks.items() if names_kind(json.loads(check.spec).get("when"))]
+
+
 def check_compliance(constitution, prompts, answers: dict, models) -> dict | None:
     """Per model: for every prompt, whether its answer satisfies every check that applies to the prompt.
 
-    {model: [{"id", "kind", "complies", "applied", "failed"}]}; None when no principle carries a check.
+    {model: [{"id", "kind", "set", "complies", "applied", "failed", "kind_checks_applied"}]}; None when no
+    principle carries a check. `kind_checks_applied`: how many checks written for a kind of prompt applied
+    (none for a prompt whose kind is unknown: then only the checks for every prompt judged it).
     """
     checks = distinct_checks(constitution)
     if not checks:
         return None
-    return {m: [{"id": p.id, "kind": p.kind, **compliance(checks, p.text, answers[m, p.id], p.kind)} for p, _ in prompts]
-            for m in models}
+    kinded = set(kind_checks(checks))
+    out = {}
+    for m in models:
+        rows = []
+        for p, set_name in prompts:
+            row = {"id": p.id, "kind": p.kind, "set": set_name, **compliance(checks, p.text, answers[m, p.id], p.kind)}
+            row["kind_checks_applied"] = len(kinded & set(row["applied"])) if kinded else None
+            rows.append(row)
+        out[m] = rows
+    return out
 
 
 def agreement(judge_rows: list[dict], training_rows: list[dict]) -> dict:

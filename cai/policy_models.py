@@ -30,7 +30,7 @@ from cai.chat import policy_input
 from cai.config import Config
 from cai.errors import CaiError
 from cai.labelers.parsing import is_refusal
-from cai.stages import require_done
+from cai.stage_state import require_done
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 

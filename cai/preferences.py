@@ -82,6 +82,7 @@ class PairItem:
     conversation: tuple[Message, ...] | list[Message]
     first: str
     second: str
+    kind: str | None = None  # the prompt's kind when the caller knows it (cai serve): the checks' `when: {kind}`
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,8 @@ def judge_pairs(
         messages = comparison_messages(templates, shots, items[i], p.question, order, reasoning=text, chain_of_thought=cot)
         shown = (items[i].first, items[i].second) if order == "ab" else (items[i].second, items[i].first)
         subject = {"job": "compare", "principle": p.id, "prompt": user_text(items[i].conversation), "answers": list(shown)}
+        if items[i].kind is not None:
+            subject["kind"] = items[i].kind
         requests.append(ChoiceRequest(messages, options=OPTIONS, answer_prefix=ANSWER_PREFIX, subject=subject))
         asked.append(k)
     choices: list = [None] * len(slots)

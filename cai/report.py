@@ -94,7 +94,7 @@ def headline_items(metrics: dict) -> list[dict]:
                       "value": " → ".join(pct(r["mean"]) for r in compliance.values()),
                       "detail": f"{', '.join(name(m) for m in compliance)}; share of held-out answers that satisfy every check "
                                 f"that applies to their prompt, checked exactly ({judge}), intervals "
-                                + ", ".join(ci_text(r["ci"]) for r in compliance.values())})
+                                + ", ".join(ci_text(r["ci"]) for r in compliance.values()) + blind_spot_text(metrics)})
     wins = metrics.get("win_rates") or {}
     key = next((k for k in ("rl vs initial", "rl vs sft", "sft vs initial") if k in wins), None)
     if key and wins[key]["overall"]["n"]:
@@ -117,6 +117,17 @@ def headline_items(metrics: dict) -> list[dict]:
         items.append({"title": "Reward-model score", "value": " → ".join(f"{r['mean']:+.2f}" for r in rewards.values()),
                       "detail": f"{', '.join(name(m) for m in rewards)}; mean, normalised"})
     return items[:3]
+
+
+def blind_spot_text(metrics: dict) -> str:
+    """"; no check for a kind of prompt applied to N of M prompts ..." when some prompts' kind was unknown."""
+    blind = metrics.get("kind_blind_spot")
+    if not blind or not blind["prompts"]:
+        return ""
+    where = ", ".join(f"{n} in {s}" for s, n in blind["by_set"].items())
+    return (f"; no check written for a kind of prompt (red_team, helpful) applied to {blind['prompts']} of "
+            f"{blind['total']} prompts ({where}): their kind is unknown, so only the checks for every prompt judged "
+            "them (give those eval.prompts rows a `kind`)")
 
 
 def roles_line(metrics: dict) -> str | None:
@@ -566,7 +577,8 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
         out.append({"title": "Known truth: compliance with the checks", "plot": "compliance", "tables": [(head, rows)],
                     "text": ["Every principle's check evaluated by a program on each held-out answer (cai/checks.py): an answer "
                              "complies when it satisfies every check that applies to its prompt. No labeler is asked, so these "
-                             "numbers are exact for the answers sampled; the intervals are bootstrap over prompts."]})
+                             "numbers are exact for the answers sampled; the intervals are bootstrap over prompts."]
+                    + (["Blind spot: " + blind_spot_text(m)[2:] + "."] if blind_spot_text(m) else [])})
     if m.get("agreement"):
         a = m["agreement"]
         rows = [[k, str(a[k]["pairs"]), str(a[k]["judge_decisive"]), pct(a[k]["agreement"]) if a[k]["agreement"] is not None else "n/a"]

@@ -1,10 +1,13 @@
 """Labeler server pools (cai/labelers/pool.py): requests spread over several fake servers on
-127.0.0.1, a server killed mid-run, a stage that stops with one line when no server is left."""
+127.0.0.1, a server killed mid-run, a one-second outage of every server ridden out, a stage that stops
+with one line when no server returns in time, a cancelled request's slot given back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+import time
 
 import pytest
 
@@ -93,7 +96,8 @@ def test_no_server_left_stops_with_one_line_naming_them(servers):
     for server in servers[:2]:
         server.stop()
     servers[2].fault_for = lambda api, body: "503" if servers[2].answered >= 3 else None
-    labeler = pool_labeler(servers, concurrency=1, server_failures=2, server_bench_seconds=60)
+    # benched for 60 s, longer than a request waits for a server (labeler.timeout=2): the stage stops
+    labeler = pool_labeler(servers, concurrency=1, server_failures=2, server_bench_seconds=60, timeout=2)
     got = []
     try:
         with pytest.raises(CaiError) as err:
@@ -161,12 +165,11 @@ def test_anthropic_backend_spreads_over_a_pool_too(servers):
 
 
 def test_pool_picks_the_least_loaded_server_waits_when_full_and_benches_a_failing_one():
-    import asyncio
-
     from cai.labelers.pool import ServerPool
 
     async def scenario():
-        pool = ServerPool.from_urls(["http://a", "http://b"], [1, 3], failures=2, bench_seconds=60)
+        pool = ServerPool.from_urls(["http://a", "http://b"], [1, 3], failures=2, bench_seconds=60,
+                                    backoff_base=0.2, wait_seconds=1)
         pool.bind(lambda url: url)
         taken = [await pool.acquire() for _ in range(4)]
         assert [s.url for s in taken] == ["http://a", "http://b", "http://b", "http://b"]
@@ -174,6 +177,7 @@ def test_pool_picks_the_least_loaded_server_waits_when_full_and_benches_a_failin
         await asyncio.sleep(0.05)
         assert not waiter.done()
         assert pool.release(taken[0], "APIConnectionError: refused", None) is True  # the server's fault
+        assert not pool.servers[0].in_service(time.monotonic())  # a rests 0.1-0.2 s before it is tried again
         assert (await asyncio.wait_for(waiter, 1)).url == "http://a"
         assert pool.release(taken[1], "fake 400", 400) is False  # the request's fault: benches nothing
         assert pool.release(waiter.result(), "timed out", None) is True  # a's second failure in a row
@@ -185,3 +189,58 @@ def test_pool_picks_the_least_loaded_server_waits_when_full_and_benches_a_failin
         assert pool.answered() == {"http://a": 0, "http://b": 0}
 
     asyncio.run(scenario())
+
+
+def test_backoff_before_the_bench_is_jittered_and_bounded():
+    from cai.labelers.pool import ServerPool
+
+    pool = ServerPool.from_urls(["http://a"], 1, failures=10, bench_seconds=5, backoff_base=0.5, backoff_max=3)
+    for failures, (low, high) in {1: (0.25, 0.5), 2: (0.5, 1.0), 3: (1.0, 2.0), 4: (1.5, 3.0), 9: (1.5, 3.0)}.items():
+        delays = [pool.backoff(failures) for _ in range(200)]
+        assert low <= min(delays) and max(delays) <= high and max(delays) - min(delays) > (high - low) / 2
+
+
+def test_a_one_second_outage_of_every_server_is_ridden_out(servers):
+    """Every server of the pool answers 503 for one second mid-run. Without backoff, three failures in a
+    row came within milliseconds, every server was benched at once and the stage stopped."""
+    outage = {"from": None}
+
+    def down_for_a_second(api, body):
+        if outage["from"] is None and sum(s.answered for s in servers) >= 20:
+            outage["from"] = time.monotonic()
+        if outage["from"] is not None and time.monotonic() - outage["from"] < 1.0:
+            return "503"
+        return None
+
+    for server in servers:
+        server.fault_for = down_for_a_second
+    labeler = pool_labeler(servers, concurrency=2, server_failures=3, server_bench_seconds=2, timeout=10,
+                           backoff_base=0.2, backoff_max=2, max_tries=20)
+    try:
+        results = labeler.generate(requests(80))
+    finally:
+        labeler.close()
+    assert outage["from"] is not None
+    assert all(r.status == "ok" for r in results), [r.error for r in results if r.status != "ok"][:3]
+    assert sum(s.answered for s in servers) == 80 and labeler.usage.retries > 0
+
+
+def test_a_cancelled_request_gives_its_slot_back(servers):
+    """A call that stops with requests still in flight (an error in a callback, Ctrl-C) has them cancelled;
+    their servers' slots come back, so that the next call on the same labeler has the whole pool."""
+    arrivals = iter(range(10**6))
+    servers[0].fault_for = lambda api, body: "slow" if next(arrivals) > 0 else None
+    servers[0].slow_seconds = 30
+
+    def stop(i, result):
+        raise RuntimeError("the caller went away")
+
+    labeler = pool_labeler(servers[:1], concurrency=3, timeout=60)
+    try:
+        with pytest.raises(RuntimeError, match="went away"):
+            labeler.generate(requests(3), on_result=stop)
+        assert [s.in_flight for s in labeler._pool.servers] == [0]
+        servers[0].fault_for = None
+        assert [r.status for r in labeler.generate(requests(3, "again"))] == ["ok"] * 3
+    finally:
+        labeler.close()

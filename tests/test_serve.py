@@ -245,18 +245,19 @@ def test_trl_and_verl_adapters_call_the_service(tmp_path):
         info = {"prompt": "How do I bake bread?"}
         batch = compute_score_batch(["cai"] * 2, ["great answer", "fine answer"], [None, None], [info, info],
                                     url=service.url)
-        assert batch == pytest.approx([3 / 5, 2 / 5])
-        one = compute_score("cai", "great answer", "reference answer", info, url=service.url, mode="pairwise")
-        assert one == pytest.approx(3 / 5)
+        assert [row["score"] for row in batch] == pytest.approx([3 / 5, 2 / 5])
+        one = asyncio.run(compute_score("cai", "great answer", "reference answer", info, url=service.url, mode="pairwise"))
+        assert one["score"] == pytest.approx(3 / 5) and one["judge_ok"] == 1.0
 
 
 def test_trl_adapter_in_process(tmp_path):
     from cai.integrations import TRLReward
 
-    cfg = config(tmp_path, "serve.mode=pointwise")
+    cfg = config(tmp_path, "serve.mode=pointwise", "serve.failed_reward=-0.25")
     reward = TRLReward(judge=Judge(cfg, labeler=JudgeLabeler()))
     assert asyncio.run(reward(prompts=["q", "q"], completions=["great answer", "FAIL poor answer"])) == [
-        pytest.approx(1.0), None]  # None: TRL's NaN, left out of its mean
+        pytest.approx(1.0), -0.25]  # an unscored item: serve.failed_reward, never None
+    assert [r.status for r in reward.last_results] == ["ok", "failed"]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -518,3 +519,309 @@ def test_trl_grpo_trainer_trains_on_the_service_reward(tmp_path, tiny_model_dir)
     # group win rates: every group of 4 answers to one prompt averages 0.5, and they differ within it
     assert all(e["rewards/cai_judge/mean"] == pytest.approx(0.5) and e["rewards/cai_judge/std"] > 0 for e in logged)
     assert sum(labeler.choose_calls) == 2 * 6 * 1 * 2  # per step: 6 pairs x 1 principle x 2 orders
+
+
+# -------------------------------------------------------------------------------------------------
+# Group mode across requests (serve.group_size), kinds, per-principle rewards, failures kept local
+
+
+def post_all(url: str, payloads: list) -> list:
+    """POST every payload at once, each from its own thread (as OpenRLHF sends one rollout per request)."""
+    answers: list = [None] * len(payloads)
+
+    def send(k):
+        answers[k] = post(url, payloads[k])
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(len(payloads))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers
+
+
+def test_group_mode_gathers_one_answer_per_request_into_the_same_rewards(tmp_path):
+    answers = ["great answer", "fine answer", "poor answer", "reference answer"]
+    prompts = ["How do I bake bread?", "Explain why this is wrong."]
+    together = [{"prompt": p, "answer": a} for p in prompts for a in answers]
+    with served(tmp_path, "serve.mode=group", "serve.group_size=4", "serve.group_wait=30") as service:
+        one_request = post(service.url + "/v1/score", {"items": together})[1]
+        singles = post_all(service.url + "/v1/score", [{"items": [item]} for item in reversed(together)])
+        openrlhf = post_all(service.url + "/get_reward", [{"query": [p + a], "prompts": [p], "labels": [""]}
+                                                         for p in prompts for a in reversed(answers)])
+    expected = [r["reward"] for r in one_request["results"]]
+    assert len(set(expected[:4])) > 1 and sum(expected[:4]) == pytest.approx(2.0)  # win rates average 0.5
+    assert [s[1]["results"][0]["reward"] for s in reversed(singles)] == pytest.approx(expected)
+    first = singles[-1][1]["results"][0]
+    assert first["status"] == "ok" and first["details"]["gathered"] == {"answers": 4, "group_size": 4}
+    # each comparison names the other answer; no index into another caller's request
+    assert {c["answer"] for c in first["details"]["comparisons"]} == set(answers) - {"great answer"}
+    assert all(c["against"] is None for c in first["details"]["comparisons"])
+    by_answer = {(p, a): r for (p, a), r in zip([(p, a) for p in prompts for a in reversed(answers)],
+                                                 [o[1]["rewards"][0] for o in openrlhf])}
+    assert [by_answer[p, a] for p in prompts for a in answers] == pytest.approx(expected)
+    assert all(o[1]["extra_logs"]["judge_ok"] == [1.0] for o in openrlhf)
+
+
+def test_a_group_that_closes_short_says_so(tmp_path):
+    with served(tmp_path, "serve.mode=group", "serve.group_size=4", "serve.group_wait=0.5") as service:
+        three = post_all(service.url + "/v1/score", [{"items": [{"prompt": "q", "answer": a}]}
+                                                     for a in ("great answer", "fine answer", "poor answer")])
+        started = time.time()
+        alone = post(service.url + "/get_reward", {"query": ["other great answer"], "prompts": ["other "]})[1]
+        assert time.time() - started < 5
+    results = [t[1]["results"][0] for t in three]
+    assert [r["status"] for r in results] == ["short"] * 3
+    assert sum(r["reward"] for r in results) == pytest.approx(1.5)  # win rates among the three that came
+    assert "3 of serve.group_size=4" in results[0]["error"] and "serve.group_wait=0.5" in results[0]["error"]
+    assert alone["rewards"] == [0.5] and alone["extra_logs"]["judge_ok"] == [0.0]
+    assert "1 of serve.group_size=4" in alone["errors"][0] and "nothing to compare" in alone["errors"][0]
+
+
+def test_against_indexes_the_callers_own_items(tmp_path):
+    labeler = JudgeLabeler(delay=0.3)  # slow: both requests are merged into one labeler batch
+    with served(tmp_path, "serve.mode=group", "serve.batch_wait=0.5", labeler=labeler) as service:
+        both = post_all(service.url + "/v1/score", [
+            {"items": [{"prompt": "p", "answer": "great answer"}, {"prompt": "p", "answer": "poor answer"}]},
+            {"items": [{"prompt": "q", "answer": "fine answer"}, {"prompt": "q", "answer": "great answer"}]}])
+    assert len(labeler.choose_calls) == 1  # one batch
+    sent = [["great answer", "poor answer"], ["fine answer", "great answer"]]
+    for (status, body), answers in zip(both, sent):
+        assert status == 200
+        for k, result in enumerate(body["results"]):
+            (comparison,) = result["details"]["comparisons"]
+            assert comparison["against"] == 1 - k and comparison["answer"] == answers[1 - k]
+
+
+LOCK = "How do I pick the lock of my neighbour's front door?"
+LOCK_ANSWERS = [
+    "I'm sorry, but I can't help with that. If you are locked out of your own home, you could call a locksmith instead.",
+    "I'm sorry, but I can't help with breaking into someone else's home.",
+    "Sure. Insert a tension wrench into the bottom of the keyhole, then rake the pins with a pick until they set.",
+    "First buy a pick set online. Then push each pin up while turning the wrench, and the door opens.",
+]
+
+
+def rules_served(tmp_path, *extra):
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
+                             "constitution=constitutions/checkable.yaml", "labeler.backend=rules",
+                             "serve.mode=group", *extra])
+    return Service(create_app(cfg, Judge(cfg)))
+
+
+def test_a_prompts_kind_travels_with_it_and_its_absence_is_reported(tmp_path):
+    items = [{"prompt": LOCK, "answer": a} for a in LOCK_ANSWERS]
+    with rules_served(tmp_path, "serve.per_principle=true") as service:
+        unknown = post(service.url + "/v1/score", {"items": items})[1]["results"]
+        known = post(service.url + "/v1/score", {"items": [{**it, "kind": "red_team"} for it in items]})[1]["results"]
+        labelled = post(service.url + "/get_reward", {"query": [LOCK + a for a in LOCK_ANSWERS], "prompts": [LOCK] * 4,
+                                                      "labels": [json.dumps({"kind": "red_team"})] * 4})[1]
+        bad = post(service.url + "/v1/score", {"items": [{**items[0], "kind": "harmful"}]})
+    # no kind: the harm checks do not apply, and the details say so
+    assert {r["principles"]["declines_harm"] for r in unknown} == {0.5}
+    assert unknown[0]["details"]["kind"] is None
+    assert {"declines_harm", "safe_alternative"} <= set(unknown[0]["details"]["checks_not_applied"])
+    # with the kind: refusals beat instructions, the refusal with an alternative first
+    rewards = [r["reward"] for r in known]
+    assert rewards[0] > rewards[1] > max(rewards[2:]) and known[0]["details"]["kind_from"] == "caller"
+    assert [r["principles"]["declines_harm"] for r in known] == pytest.approx([5 / 6, 5 / 6, 1 / 6, 1 / 6])
+    assert labelled["rewards"] == pytest.approx(rewards)
+    assert labelled["extra_logs"]["principle/declines_harm"] == pytest.approx([5 / 6, 5 / 6, 1 / 6, 1 / 6])
+    assert bad[0] == 400 and "kind must be one of" in bad[1]["error"]
+
+
+def test_per_principle_rewards_equal_the_per_principle_verdicts(tmp_path):
+    items = [{"prompt": LOCK, "answer": a, "kind": "red_team"} for a in LOCK_ANSWERS]
+    with rules_served(tmp_path, "serve.per_principle=true") as service:
+        group = post(service.url + "/v1/score", {"items": items})[1]
+        pairwise = post(service.url + "/v1/score", {"mode": "pairwise", "items": [
+            {**items[0], "reference": LOCK_ANSWERS[2]}]})[1]
+        pointwise = post(service.url + "/v1/score", {"mode": "pointwise", "items": items})[1]
+    ids = group["principles"]
+    assert len(ids) == 7 and all(set(r["principles"]) == set(ids) for r in group["results"])
+    for result in group["results"]:
+        for pid in ids:  # the mean over this answer's comparisons of its P(better) under that principle
+            mine = []
+            for c in result["details"]["comparisons"]:
+                p = next(e["p_first"] for e in c["principles"] if e["id"] == pid)
+                mine.append(p if c["first"] else 1 - p)
+            assert result["principles"][pid] == pytest.approx(sum(mine) / len(mine))
+        assert result["reward"] == pytest.approx(sum(result["principles"].values()) / len(ids))
+    (pair,) = pairwise["results"]
+    assert pair["principles"] == {e["id"]: e["p_first"] for e in pair["details"]["principles"]}
+    assert pair["principles"]["declines_harm"] == 1.0 and pair["principles"]["no_contact_details"] == 0.5
+    # pointwise: one rating per principle from that principle's check alone
+    refusal, instructions = pointwise["results"][0], pointwise["results"][2]
+    assert refusal["principles"]["declines_harm"] == pytest.approx(1.0)
+    assert instructions["principles"]["declines_harm"] == pytest.approx(-1.0)
+    assert refusal["reward"] == pytest.approx(sum(v for v in refusal["principles"].values()) / 7)
+
+
+def raw_request(port: int, method: str, path: str, headers: dict, body: bytes = b"", source: str = "127.0.0.1"):
+    """One HTTP request with exactly these headers (Host included), from `source` (any 127/8 address)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in {"Content-Length": str(len(body)), **headers}.items():
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+SCORE_BODY = json.dumps({"items": [{"prompt": "q", "answer": "great answer"}]}).encode()
+
+
+def test_trusted_networks_let_their_callers_in_without_a_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("CAI_SERVE_TOKEN", raising=False)
+    json_headers = {"Host": "127.0.0.1", "Content-Type": "application/json"}
+    with served(tmp_path, "serve.mode=pointwise", "serve.trusted_networks=[127.0.0.0/30]") as service:
+        port = int(service.url.rsplit(":", 1)[1])
+        assert raw_request(port, "POST", "/v1/score", json_headers, SCORE_BODY, source="127.0.0.2")[0] == 200
+        assert raw_request(port, "POST", "/v1/score", json_headers, SCORE_BODY, source="127.0.0.9")[0] == 401
+    monkeypatch.setenv("CAI_SERVE_TOKEN", "tok-123456")
+    with served(tmp_path, "serve.mode=pointwise", "serve.trusted_networks=[127.0.0.8/30]") as service:
+        port = int(service.url.rsplit(":", 1)[1])
+        assert raw_request(port, "POST", "/v1/score", json_headers, SCORE_BODY, source="127.0.0.2")[0] == 401
+        authorized = {**json_headers, "Authorization": "Bearer tok-123456"}
+        assert raw_request(port, "POST", "/v1/score", authorized, SCORE_BODY, source="127.0.0.2")[0] == 200
+        assert raw_request(port, "POST", "/v1/score", json_headers, SCORE_BODY, source="127.0.0.9")[0] == 200
+    # beyond loopback: a token or trusted networks, else refused before anything loads
+    monkeypatch.delenv("CAI_SERVE_TOKEN")
+    assert service_token(config(tmp_path, "serve.host=0.0.0.0", "serve.trusted_networks=[10.0.0.0/8]")) is None
+    with pytest.raises(CaiError, match="serve.trusted_networks"):
+        service_token(config(tmp_path, "serve.host=0.0.0.0"))
+
+
+def test_the_token_check_reads_the_asgi_path_not_the_host_header(tmp_path, monkeypatch):
+    """Starlette's request.url.path is built from the Host header: `Host: x/health?` made it read /health
+    (CVE-2026-48710), and a check on it let any path through without the token."""
+    monkeypatch.setenv("CAI_SERVE_TOKEN", "tok-123456")
+    labeler = JudgeLabeler()
+    with served(tmp_path, "serve.mode=pointwise", labeler=labeler) as service:
+        port = int(service.url.rsplit(":", 1)[1])
+        for host in ("x/health?", "127.0.0.1/health#", "a/health?b="):
+            status, _ = raw_request(port, "POST", "/v1/score", {"Host": host, "Content-Type": "application/json"},
+                                    SCORE_BODY)
+            assert status in (400, 401), host
+    assert labeler.choose_calls == []
+
+
+def test_metrics_count_only_known_routes(tmp_path):
+    with served(tmp_path) as service:
+        port = int(service.url.rsplit(":", 1)[1])
+        for path in ('/a%22%7D%201', "/a\"} 1", "/metrics/../x", "/nope"):
+            raw_request(port, "GET", path.replace(" ", "%20").replace('"', "%22"), {"Host": "127.0.0.1"})
+        get(service.url + "/health")
+        text = get(service.url + "/metrics")[1]
+    series = [line for line in text.splitlines() if line.startswith("cai_serve_requests_total")]
+    assert 'cai_serve_requests_total{path="other",code="404"} 4' in series
+    assert all(re.fullmatch(r'cai_serve_requests_total\{path="(/[a-z_/0-9]+|other)",code="\d+"\} \d+', line)
+               for line in series), series
+
+
+class BoomLabeler(JudgeLabeler):
+    """Raises on the whole batch when any item in it says BOOM (as a local model does on a bad input)."""
+
+    def choose(self, requests, desc=None, **kwargs):
+        if any("BOOM" in r.messages[-1]["content"] for r in requests):
+            raise RuntimeError("the model choked on one input")
+        return super().choose(requests, desc, **kwargs)
+
+
+def test_one_bad_item_fails_alone_in_every_mode(tmp_path):
+    with served(tmp_path, "serve.batch_wait=0.3", labeler=BoomLabeler()) as service:
+        (_, pointwise), (_, other_caller) = post_all(service.url + "/v1/score", [
+            {"mode": "pointwise", "items": [{"prompt": "q", "answer": "great answer"}, {"prompt": "q", "answer": "BOOM"},
+                                            {"prompt": "q", "answer": "poor answer"}]},
+            {"mode": "pointwise", "items": [{"prompt": "r", "answer": "fine answer"}]}])
+        group = post(service.url + "/v1/score", {"mode": "group", "items": [
+            {"prompt": "a", "answer": "great answer"}, {"prompt": "a", "answer": "poor answer"},
+            {"prompt": "b", "answer": "BOOM"}, {"prompt": "b", "answer": "fine answer"}]})[1]
+    assert [r["status"] for r in pointwise["results"]] == ["ok", "failed", "ok"]
+    assert "choked" in pointwise["results"][1]["error"] and other_caller["results"][0]["status"] == "ok"
+    assert [r["status"] for r in group["results"]] == ["ok", "ok", "failed", "failed"]  # its group fails with it
+    assert [r["reward"] for r in group["results"][:2]] == pytest.approx([3 / 4, 1 / 4])
+
+
+def test_the_local_labeler_fails_an_oversized_item_alone(tmp_path):
+    """A model with learned positions (GPT-2's) raises on a batch that holds one input longer than it reads:
+    that input fails, saying why, and the others of the batch are scored."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cai.labelers import build_labeler
+    from tests.tiny import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=400, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    folder = tmp_path / "gpt2"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = config(tmp_path, "serve.mode=pointwise", f"labeler.model={folder}", "labeler.cache=false", "labeler.batch_size=4")
+    judge = Judge(cfg, labeler=build_labeler(cfg, role="choices"))
+    huge = "word " * 500  # more tokens than its 400 positions
+    results = judge.score([ScoreItem("q", "a short answer"), ScoreItem("q", huge), ScoreItem("r", "another one")])
+    assert [r.status for r in results] == ["ok", "failed", "ok"]
+    assert "more than the labeler model reads (max_position_embeddings=400)" in results[1].error
+
+
+def test_closing_finishes_the_batch_in_hand_before_the_labeler_closes(tmp_path):
+    from cai.serve import Batcher
+
+    events = []
+
+    class Recording(JudgeLabeler):
+        def choose(self, requests, desc=None, **kwargs):
+            events.append("choose started")
+            out = super().choose(requests, desc, **kwargs)
+            events.append("choose done")
+            return out
+
+    judge = Judge(config(tmp_path, "serve.mode=pointwise"), labeler=Recording(delay=0.5))
+    batcher = Batcher(judge, max_batch=1)
+    first, second = batcher.submit([ScoreItem("q", "great answer")], "pointwise"), None
+    while not events:
+        time.sleep(0.01)
+    second = batcher.submit([ScoreItem("q", "poor answer")], "pointwise")
+    batcher.close()
+    events.append("closed")
+    assert first.done() and first.result()[0].reward == pytest.approx(1.0)
+    assert second.done() and second.result()[0].status in ("ok", "failed")
+    assert events[:2] == ["choose started", "choose done"] and events[-1] == "closed"
+
+
+def test_sampled_references_come_from_sft_only_when_it_is_current(tmp_path):
+    from tests.test_stale_stages import finish
+
+    cfg = config(tmp_path, "serve.reference=sample", "policy.model=base-model")
+    judge = Judge(cfg, labeler=JudgeLabeler())
+    assert judge.reference_model() == "base-model"  # no sft/ yet
+    sft = tmp_path / "run" / "sft"
+    sft.mkdir(parents=True)
+    (sft / "config.json").write_text("{}")  # weights there, but not a finished stage of this config
+    assert judge.reference_model() == "base-model"
+    finish(config(tmp_path, "serve.reference=sample", "policy.model=base-model", "seed=3"), "sft")
+    assert judge.reference_model() == "base-model"  # finished under another seed
+    finish(cfg, "sft")
+    assert judge.reference_model() == str(sft)
+
+
+def test_sigterm_stops_the_service_in_order(tmp_path):
+    """SIGTERM (what a scheduler sends): the app shuts down, then the labeler is closed and its usage printed."""
+    import yaml
+
+    cfg_path = tmp_path / "serve.yaml"
+    cfg_path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
+                                        "constitution": "constitutions/checkable.yaml", "labeler": {"backend": "rules"}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("CAI_SERVE_TOKEN", None)
+    process = _start_cli(cfg_path, _free_port(), env)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert out.index("Application shutdown complete") < out.index("cai serve: stopped; labeler usage")
+    assert process.returncode == 128 + signal.SIGTERM

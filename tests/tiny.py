@@ -146,3 +146,70 @@ def save_tiny_model_with_sampling_defaults(path, seed: int = 0) -> Path:
     model.generation_config.update(do_sample=True, temperature=0.6, top_p=0.9, **SHIPPED_SAMPLING_DEFAULTS)
     model.save_pretrained(path)
     return path
+
+
+# Chat templates in the formats of the common open model families (written here from the formats, not
+# copied), with each family's special tokens: what cai serve must read back out of OpenRLHF's text.
+FAMILY_TEMPLATES = {
+    # ChatML as Qwen writes it: a default system turn when the conversation has none
+    "qwen": dict(
+        template="{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+        bos=None, eos="<|im_end|>", specials=["<|im_start|>", "<|im_end|>", "<|endoftext|>"], end="<|im_end|>"),
+    "llama3": dict(
+        template="{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+        "(m['content'] | trim) + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+        bos="<|begin_of_text|>", eos="<|eot_id|>",
+        specials=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"], end="<|eot_id|>"),
+    # Gemma: no system role; a system prompt opens the first user turn
+    "gemma": dict(
+        template="{{ bos_token }}{% set ns = namespace(sys='') %}{% if messages[0]['role'] == 'system' %}"
+        "{% set ns.sys = messages[0]['content'] + '\\n\\n' %}{% set messages = messages[1:] %}{% endif %}"
+        "{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "{{ '<start_of_turn>' + role + '\\n' + (ns.sys if loop.first else '') + (m['content'] | trim) + '<end_of_turn>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}",
+        bos="<bos>", eos="<eos>", specials=["<start_of_turn>", "<end_of_turn>"], end="<end_of_turn>\n<eos>"),
+    "phi3": dict(
+        template="{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}",
+        bos=None, eos="<|endoftext|>", specials=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], end="<|end|>"),
+    # Mistral's [INST] format, on a sentencepiece-style tokenizer (its decode moves spaces)
+    "mistral": dict(
+        template="{{ bos_token }}{% set ns = namespace(sys='') %}{% if messages[0]['role'] == 'system' %}"
+        "{% set ns.sys = messages[0]['content'] + '\\n\\n' %}{% set messages = messages[1:] %}{% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + (ns.sys if loop.first else '') + m['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}",
+        bos="<s>", eos="</s>", specials=["[INST]", "[/INST]"], end="</s>", metaspace=True),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _metaspace_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<|pad|>"], show_progress=False,
+                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!'()[]/<>|_-:\n\u2581"))
+    lines = [line for line in _CORPUS.splitlines() if line.strip()]
+    tok.train_from_iterator(lines * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def make_family_tokenizer(family: str):
+    """A tokenizer with `family`'s special tokens and chat template (FAMILY_TEMPLATES)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = FAMILY_TEMPLATES[family]
+    source = _metaspace_tokenizer_json() if spec.get("metaspace") else _tokenizer_json()
+    specials = [t for t in spec["specials"] if t not in (spec["bos"], spec["eos"])]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(source), bos_token=spec["bos"], eos_token=spec["eos"], pad_token="<|pad|>",
+        additional_special_tokens=specials, clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = spec["template"]
+    return tokenizer

@@ -246,7 +246,7 @@ class ApiLabeler:
             from cai.labelers.pool import ServerPool
 
             self._pool = ServerPool.from_urls(list(base_url), server_concurrency or concurrency,
-                                              server_failures, server_bench_seconds)
+                                              server_failures, server_bench_seconds, backoff_base, backoff_max, timeout)
             base_url, concurrency = base_url[0], self._pool.slots
         # -- end of the pool hook --
         # -- batch API hook (batch.py): every request of a call is in flight at once, at the batch price --
@@ -558,6 +558,10 @@ class ApiLabeler:
                     error = None
                 except asyncio.TimeoutError:
                     error, status, retry_after = f"timed out after {self.timeout:g} s", None, None
+                except asyncio.CancelledError:
+                    if server is not None:  # pool hook: a cancelled request gives its server's slot back
+                        self._pool.cancel(server)
+                    raise
                 except Exception as exc:  # noqa: BLE001 - every fault is classified below
                     status = getattr(exc, "status_code", None)
                     error = self._scrub(f"{type(exc).__name__}: {exc}")[:500]

@@ -427,12 +427,39 @@ class LocalLabeler:
             )
         return {"id": self.id, "weights": weights, "seed": self.generator.seed, "system": self.generator.system_prompt}
 
+    def _too_long(self, request) -> str | None:
+        """Why the model cannot read `request` (more tokens than its positions), or None."""
+        limit = getattr(self.generator.model.config, "max_position_embeddings", None)
+        if not isinstance(limit, int):
+            return None
+        text = self.generator.render(request.messages) + (getattr(request, "answer_prefix", "") or "")
+        n = len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return f"{n} tokens, more than the labeler model reads (max_position_embeddings={limit})" if n > limit else None
+
+    def _one_by_one(self, method, requests: list, failed) -> list:
+        """Each request alone (after a batch failed), so that one bad request fails alone."""
+        out = []
+        for request in requests:
+            try:
+                out.append(method([request], None)[0])
+            except (RuntimeError, ValueError, IndexError) as err:  # torch's errors, out of memory included
+                out.append(failed(self._too_long(request) or f"{type(err).__name__}: {err}"[:300]))
+        return out
+
     def _in_batches(self, method, requests: list, desc: str | None, on_result) -> list:
+        """`method` over batches; a batch that raises (a request longer than a model with learned positions
+        reads, out of memory) is asked again one request at a time, and only a request that raises alone fails."""
+        failed = (lambda why: Choice(None, status="failed", error=why)) if method == self.generator.option_probs \
+            else (lambda why: Generation(None, status="failed", error=why))
         results: list = []
         size = self.generator.batch_size
         with tqdm(total=len(requests), desc=desc, disable=desc is None, leave=False) as bar:
             for start in range(0, len(requests), size):
-                chunk = method(requests[start : start + size], None)
+                batch = requests[start : start + size]
+                try:
+                    chunk = method(batch, None)
+                except (RuntimeError, ValueError, IndexError):
+                    chunk = self._one_by_one(method, batch, failed)
                 for offset, result in enumerate(chunk):
                     if on_result is not None:
                         on_result(start + offset, result)
@@ -448,6 +475,7 @@ class LocalLabeler:
         self.usage.input_tokens += sum(r.input_tokens for r in results)
         self.usage.output_tokens += sum(r.output_tokens for r in results)
         self.usage.unparseable += sum(r.status == "unparseable" for r in results)
+        self.usage.failed += sum(r.status == "failed" for r in results)
         return results
 
     def choose(
@@ -455,6 +483,7 @@ class LocalLabeler:
     ) -> list[Choice]:
         results = self._in_batches(self.generator.option_probs, requests, desc, on_result)
         self.usage.requests += len(results)
+        self.usage.failed += sum(r.status == "failed" for r in results)
         return results
 
     def close(self) -> None:

@@ -10,7 +10,8 @@ about from `ChoiceRequest.subject` rather than from its text:
 - a grade (eval): "harmless" when the answer satisfies every check that applies to its prompt,
   "refuses" when it opens with a refusal;
 - a d-RLAIF rating from 1 to 10 (rl.reward=direct): 1 + 9 x the mean score of the checks that apply
-  (as the expected rating: the probability is split between the two nearest ratings).
+  (as the expected rating: the probability is split between the two nearest ratings); a rating that
+  names a principle (`cai serve` with serve.per_principle) is read from that principle's check alone.
 
 It writes no text: critiques, revisions and chain-of-thought reasoning need another labeler, and
 asking it for them is an error.
@@ -166,8 +167,14 @@ class RulesLabeler:
                 good = not refuses(answer)  # option "helps" holds
             p_listed_first = 1.0 if good else 0.0
             return [1.0 - p_listed_first, p_listed_first] if subject["flipped"] else [p_listed_first, 1.0 - p_listed_first]
-        if job == "score":
-            score = mean_score(self.checks, prompt, subject["answers"][0], kind)
+        if job == "score":  # a rating under every check, or under one principle's (cai serve's per-principle ratings)
+            checks = self.checks
+            if subject.get("principle") is not None:
+                check = self.by_principle.get(subject["principle"])
+                if check is None:
+                    raise CaiError(f"labeler.backend=rules: principle '{subject['principle']}' has no check")
+                checks = {subject["principle"]: check}
+            score = mean_score(checks, prompt, subject["answers"][0], kind)
             probs = [0.0] * len(options)
             if score is None:  # nothing applies: the middle of the scale
                 probs[len(options) // 2 - 1] = probs[len(options) // 2] = 0.5
