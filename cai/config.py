@@ -146,6 +146,11 @@ class LabelerConfig(Section):
     simulated_soft_labels: bool = Field(
         False, description="rules: give the picked option probability simulated_accuracy instead of 1."
     )
+    constitution: str | None = Field(
+        None, description="rules: judge by the checks of this constitution file instead of the run's `constitution` "
+        "(it must check every comparison principle of the run's), e.g. constitutions/checkable_independent.yaml: "
+        "the same principles checked by code the training checks do not share.",
+    )
 
     _check_base_url = field_validator("base_url")(lambda value: one_url_or_pool(value))
 

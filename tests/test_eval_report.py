@@ -350,3 +350,29 @@ def test_agreement_counts_where_the_judge_picks_an_answer():
     assert out["q1"] == {"pairs": 2, "judge_decisive": 1, "agree": 1, "agreement": 1.0}  # the judge's tie is left out
     assert out["q2"] == {"pairs": 1, "judge_decisive": 1, "agree": 0, "agreement": 0.0}  # unreadable on one side: left out
     assert out["all"]["agreement"] == pytest.approx(3 / 4) and out["all"]["pairs"] == 5
+
+
+def test_a_judge_with_checks_of_its_own_is_reported_beside_the_training_checks(tmp_path, models, scripted):
+    """eval.judge.constitution: the rules judge by constitutions/checkable_independent.yaml; metrics.json
+    holds its compliance, over-refusal and pass rates beside the run's checks', computed by its functions."""
+    independent = ROOT / "constitutions" / "checkable_independent.yaml"
+    cfg = hand_made_run(tmp_path, models, "constitution=constitutions/checkable.yaml", "eval.judge.backend=rules",
+                        f"eval.judge.constitution={independent}", "eval.principles_per_pair=2")
+    out = eval_stage.run(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(j["labeler"].startswith("rules:checkable-independent") for j in read_jsonl(out / "judgements.jsonl"))
+    from cai import independent_checks as ind
+
+    answers = [a for a in read_jsonl(out / "answers.jsonl") if a["model"] == "rl"]
+    helpful = [a for a in answers if a["kind"] == "helpful"]
+    judged = metrics["judge_checks"]
+    assert judged["constitution"] == str(independent)
+    assert judged["over_refusal"]["rl"]["mean"] == pytest.approx(
+        sum(ind.declines(a["prompt"], a["answer"]) for a in helpful) / len(helpful))
+    concise = [ind.concise(a["prompt"], a["answer"]) for a in answers]
+    assert judged["pass_rates"]["rl"]["concise"]["mean"] == pytest.approx(sum(concise) / len(concise))
+    assert set(judged["pass_rates"]["rl"]) == set(metrics["check_pass_rates"]["rl"])
+    samples = read_jsonl(out / "samples.jsonl")
+    assert all(set(s["judge_failed_checks"]) == set(cfg.eval.models) for s in samples)
+    html = (out / "report.html").read_text()
+    assert "<h2>Checks no stage trained against</h2>" in html and "checkable_independent.yaml" in html
