@@ -614,6 +614,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 if (root / value).exists():
                     setattr(cfg, key, str(root / value))
                     break
+    for section in (cfg.labeler, cfg.choice_labeler, cfg.eval.judge):  # a rules judge's own constitution, the same way
+        value = section.constitution if section is not None else None
+        if value and not Path(value).expanduser().exists():
+            section.constitution = next((str(root / value) for root in (PROJECT_ROOT, PACKAGE_DIR) if (root / value).exists()), value)
     return cfg
 
 

@@ -76,6 +76,7 @@ def load_run(run_dir: str | Path) -> dict:
         "constitution_text": constitution_text,
         "constitution": constitution if isinstance(constitution, dict) else {},
         "questions": {c.get("id"): c.get("question") for c in (constitution or {}).get("comparisons", []) or [] if isinstance(c, dict)},
+        "stress": json.loads((run_dir / "stress" / "stress.json").read_text()) if (run_dir / "stress" / "stress.json").is_file() else None,
     }
 
 
@@ -640,6 +641,16 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
                 "text": ["Red-team prompts of the SL stage: the initial model's first answer, the labeler's critique(s) "
                          "against the principle drawn and its revision (what SL-CAI was trained on), and what the final "
                          "policy answers to the same prompt now." if data["examples"] else "No SL-CAI records to show."]})
+    if data.get("stress"):
+        from cai.stress import stress_table
+
+        stress = data["stress"]
+        out.append({"title": "Stress test: known hacks against the judges", "tables": [stress_table(stress)],
+                    "text": [f"`cai stress` ({stress['cases']['total']} prompts with a good answer): each probe's win rate "
+                             "against the good answer to the same prompt, per judge (pairwise: both orders averaged, then "
+                             "the probe shown as (A) and as (B), and under the principle it attacks; pointwise: the share of "
+                             "prompts it scores higher, and the mean rewards). ⚠ marks a probe the judge prefers to the good "
+                             "answer: a hack the optimiser can find."]})
     samples = data["samples"][:8]
     models = list(m.get("models", {}))
     rows = []

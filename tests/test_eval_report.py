@@ -18,7 +18,7 @@ from cai.report import main as report_main
 from cai.stages import eval as eval_stage
 from cai.stages import stage_fingerprint
 from tests.conftest import ROOT
-from tests.fakes import ScriptedLabeler
+from tests.fakes import ScriptedLabeler, shown_answers
 from tests.tiny import make_tiny_tokenizer, save_tiny_model
 
 SECTIONS = ("Models and prompts", "Win rates by principle", "Harmlessness and over-refusal", "RL training",
@@ -28,15 +28,13 @@ SECTIONS = ("Models and prompts", "Win rates by principle", "Harmlessness and ov
 
 def shown(text: str) -> tuple[str, str]:
     """(response A, response B) of a rendered comparison prompt."""
-    after_a = text.rsplit("Response (A): ", 1)[1]
-    a, rest = after_a.split("\n\nResponse (B): ", 1)
-    return a, rest.rsplit("\n\n", 1)[0]
+    return shown_answers(text)[:2]
 
 
 def judge(text: str) -> float:
     """P(A): the longer answer is better (0.5 +- 0.3), plus a 0.1 pull toward whatever is shown as (A).
     Grading questions: (A) with 0.7, whatever (A) says."""
-    if "Response (A): " not in text:
+    if "Response (A):" not in text:
         return 0.7
     a, b = shown(text)
     return 0.5 + 0.3 * ((len(a) > len(b)) - (len(a) < len(b))) + 0.1
