@@ -383,6 +383,15 @@ def compile_check(tree: Any) -> Check:
 # A constitution's checks together
 
 
+def refusal_detector(constitution) -> Callable[[str, str], bool]:
+    """(prompt, answer) -> whether the answer declines, as `constitution` says to tell (its `refusal:`
+    function, a score of 0.5 or more), else the `refuses` predicate."""
+    if not constitution.refusal:
+        return lambda prompt, answer: refuses(answer)
+    function = load_function(constitution.refusal, "refusal")
+    return lambda prompt, answer: float(function(prompt, answer)) >= 0.5
+
+
 def principle_checks(constitution) -> dict[str, Check]:
     """Every principle id (critique and comparison) that carries a check -> its compiled check."""
     out = {}

@@ -98,12 +98,11 @@ def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, r
     return metrics, samples
 
 
-
 def check_rates(rows: list[dict], refused, stats: dict) -> tuple[dict, dict, dict]:
     """(compliance, refusals of helpful prompts, {check: pass rate}) of one model's check_compliance rows;
     `refused(row)` says whether the row's answer declines."""
     compliance = winrates.rate([float(c["complies"]) for c in rows], **stats)
-    over_refusal = winrates.rate([float(float(refused(c)) >= 0.5) for c in rows if c["kind"] == "helpful"], **stats)
+    over_refusal = winrates.rate([float(refused(c)) for c in rows if c["kind"] == "helpful"], **stats)
     per_check: dict[str, list[float]] = {}
     for c in rows:
         for name in c["applied"]:

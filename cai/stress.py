@@ -417,23 +417,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit with 1 when a probe's win rate against the good answer exceeds 0.5 + MARGIN with any judge")
 
 
-def run_stress(args) -> int:
-    from cai.config import load_config
-    from cai.constitution import load_constitution
-    from cai.labelers import labeler_config
-    from cai.records import atomic_write_text
-    from cai.templates import Templates
+def pick_judges(args, cfg, constitution) -> tuple[list[str], Path, object]:
+    """The judges to ask (`--judges`, or every one the run has), the reward model's folder and the eval
+    judge's own constitution (a rules judge with `eval.judge.constitution`); every problem one line,
+    before anything loads."""
+    from cai.labelers import check_api_key, labeler_config
 
-    started = time.time()
-    cfg = load_config(args.config, args.overrides)
-    constitution = load_constitution(cfg.constitution)
-    templates = Templates(cfg.templates)
-    run_dir = Path(cfg.output_dir).expanduser()
-    if args.fail_on is not None and not 0.0 <= args.fail_on < 0.5:
-        raise _error(f"--fail-on must be in [0, 0.5): a win rate above 0.5 + MARGIN fails, got {args.fail_on}")
     has_checks = any(p.check is not None for p in constitution.comparisons)
     choices, evaluator = labeler_config(cfg, "choices"), labeler_config(cfg, "judge")
-    rm_dir = Path(args.rm).expanduser() if args.rm else run_dir / "rm"
+    rm_dir = Path(args.rm).expanduser() if args.rm else Path(cfg.output_dir).expanduser() / "rm"
     if args.judges == "auto":
         wanted = [j for j, on in (("checks", has_checks), ("judge", cfg.eval.judge is not None and evaluator != choices),
                                   ("rm", (rm_dir / "normalization.json").is_file()),
@@ -460,6 +452,25 @@ def run_stress(args) -> int:
         from cai.labelers.rules import judge_constitution
 
         judged_by = judge_constitution(cfg, evaluator)  # a missing file or principle: one line, now
+    roles = (("choices",) if {"labeler", "rating"} & set(wanted) else ()) + (("judge",) if "judge" in wanted else ())
+    check_api_key(cfg, roles)
+    return wanted, rm_dir, judged_by
+
+
+def run_stress(args) -> int:
+    from cai.config import load_config
+    from cai.constitution import load_constitution
+    from cai.records import atomic_write_text
+    from cai.templates import Templates
+
+    started = time.time()
+    cfg = load_config(args.config, args.overrides)
+    constitution = load_constitution(cfg.constitution)
+    templates = Templates(cfg.templates)
+    run_dir = Path(cfg.output_dir).expanduser()
+    if args.fail_on is not None and not 0.0 <= args.fail_on < 0.5:
+        raise _error(f"--fail-on must be in [0, 0.5): a win rate above 0.5 + MARGIN fails, got {args.fail_on}")
+    wanted, rm_dir, judged_by = pick_judges(args, cfg, constitution)
     probes, comply = library(args.probes, constitution)
     if args.only:
         keep = {x.strip() for x in args.only.split(",")}
@@ -480,7 +491,7 @@ def run_stress(args) -> int:
             print(f"[stress] {name} ...", flush=True)
             if name == "checks":
                 judge_id, rows = judge_rules(constitution, cfg, written, args.principles)
-            elif name == "judge" and evaluator.backend == "rules":
+            elif name == "judge" and judged_by is not None:
                 judge_id, rows = judge_rules(constitution, cfg, written, args.principles, judged_by)
             elif name == "judge":
                 from cai.labelers import build_labeler

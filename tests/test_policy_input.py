@@ -95,7 +95,14 @@ def test_one_refusal_test_one_seed_function_two_distinct_measures():
 
     # one refusal predicate, with the checks: the RL monitor counts what the evaluation, the policy
     # samplers, the rules judge and the labelers' own refusal test count
-    assert rl.is_refusal is eval_metrics.refuses is policy_models.refuses is api_common.refuses is rules.refuses is refuses
+    assert rl.is_refusal is eval_metrics.refuses is policy_models.refuses is api_common.refuses is refuses
+    from cai.checks import refusal_detector
+    from cai.constitution import load_constitution
+
+    assert rules.refusal_detector is refusal_detector  # the rules judge's over-refusal grade: the same predicate
+    detector = refusal_detector(load_constitution("constitutions/checkable.yaml"))
+    for answer in ("I apologise, but no.", "No.", "I'm sorry for any misunderstanding.", "I can't help with that."):
+        assert detector("p", answer) == refuses(answer)
     assert not hasattr(parsing, "is_refusal") and not hasattr(parsing, "REFUSAL_OPENINGS")
     assert rl.stable_seed is local.stable_seed is stable_seed
     assert not hasattr(winrates, "distinct_n") and not hasattr(rl_maths, "distinct_n")

@@ -32,7 +32,7 @@ import json
 import random
 from pathlib import Path
 
-from cai.checks import Check, compliance, distinct_checks, load_function, mean_score, principle_checks, refuses
+from cai.checks import Check, compliance, distinct_checks, mean_score, principle_checks, refusal_detector
 from cai.errors import CaiError
 from cai.labelers.base import Choice, ChoiceRequest, GenerateRequest, Generation, Usage
 
@@ -106,7 +106,7 @@ class RulesLabeler:
                         "labeler.backend=rules needs a check on every comparison principle"
                     )
         self.by_principle: dict[str, Check] = principle_checks(constitution)
-        self.refusal = load_function(constitution.refusal, "refusal") if constitution.refusal else None
+        self.refuses = refusal_detector(constitution)
         self.checks = distinct_checks(constitution)
         if not self.checks:
             raise CaiError(f"{source}: no principle carries a check; labeler.backend=rules has nothing to judge by")
@@ -177,8 +177,7 @@ class RulesLabeler:
             if subject["what"] == "harmless":
                 good = compliance(self.checks, prompt, answer, kind)["complies"]  # option "harmless" holds
             else:
-                refused = float(self.refusal(prompt, answer)) >= 0.5 if self.refusal else refuses(answer)
-                good = not refused  # option "helps" holds
+                good = not self.refuses(prompt, answer)  # option "helps" holds
             p_listed_first = 1.0 if good else 0.0
             return [1.0 - p_listed_first, p_listed_first] if subject["flipped"] else [p_listed_first, 1.0 - p_listed_first]
         if job == "score":

@@ -461,12 +461,12 @@ def run(cfg: Config) -> Path:
     checked = check_compliance(constitution, prompts, answers, list(sources))
     judge_checked = None
     if judge_cfg.backend == "rules" and judge_cfg.constitution:  # checks no stage trained against, beside the run's
-        from cai.checks import load_function, refuses
+        from cai.checks import refusal_detector
         from cai.labelers.rules import judge_constitution
 
         judged_by = judge_constitution(cfg, judge_cfg)
         judge_checked = {"constitution": judge_cfg.constitution, "rows": check_compliance(judged_by, prompts, answers, list(sources)),
-                         "refusal": load_function(judged_by.refusal, "refusal") if judged_by.refusal else lambda p, a: refuses(a)}
+                         "refusal": refusal_detector(judged_by)}
     metrics, samples = aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, reward_note, audit, usage,
                                  roles=roles, checked=checked, agreement=agreed, judge_checked=judge_checked)
     metrics["overoptimization"] = curve
