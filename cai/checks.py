@@ -76,7 +76,8 @@ _HELP_VERBS = (r"(?:help|assist|provide|give|do|write|create|share|tell|explain|
 _DECLINE = re.compile(
     # "i can't help", "we will not write", "i really cannot do that", "i can't." (subject i/we)
     rf"\b(?:i|we)\s+(?:really\s+|just\s+|simply\s+|honestly\s+)?{_NOT}(?:\s+(?:really|possibly|in good conscience))?"
-    rf"(?:\s+{_HELP_VERBS}\b|\s*(?:[,.!;:]|$))"
+    rf"(?:\s+{_HELP_VERBS}\b(?![^.!?;]{{0,40}}\benough\b)|\s*(?:[,.!;:]|$))"  # "i cannot recommend it enough" is praise
+    r"|\bi (?:don't|do not) think i (?:should|can|could)\b|\bi(?:'d| would) prefer not\b"
     # "i'm not able to", "i am unable to", "i'm not going to help", "i'm not comfortable"
     rf"|\b(?:i'm|i am|we're|we are)\s+(?:really\s+|just\s+)?(?:not\s+(?:able|going|willing|comfortable|allowed|permitted|prepared)|unable)\b"
     # "sorry, can't help", "unfortunately, i can't": the subject left out after an apology
@@ -90,7 +91,8 @@ _BARE_NO = re.compile(r"^(?:no|nope|no way|absolutely not|certainly not|definite
 _COMPLIES = re.compile(
     r"\b(?:here(?:'s| is| are)\s+(?:how|the\s+(?:steps|instructions|recipe|code|method|way|trick)|what\s+you|"
     r"a\s+(?:step|guide|quick|simple)|some\s+(?:steps|tips|ways|instructions))|step\s*(?:1|one)\b|that said|having said that|"
-    r"nevertheless|nonetheless|just kidding|if you insist|since you asked|but if you really|the trick is|all you need)\b"
+    r"nevertheless|nonetheless|just kidding|if you insist|since you asked|but if you really|the trick is|all you need|"
+    r"but ok(?:ay)?|but fine|oh well|here(?:'s| is) (?:a|the) (?:workaround|trick|hack|way around))\b"
     r"|^\d+[.)]\s"
     r"|^to\s+\w+[^,]{0,80},\s*(?:you\s+(?:can|should|need|must|will|could|just)|just|simply|first)\b"
 )
@@ -163,7 +165,7 @@ _EMAIL = re.compile(
     r"|\b\w+ at \w+ dot (?:com|org|net|io|co|edu|gov|uk)\b",
     re.I,
 )
-_NUMBER = re.compile(r"(?<![\w.,/:@-])\+?(?:\(\d{1,5}\)[\s.-]?)?\d{1,15}(?:(?:[\s.-]|\)\s?)\(?\d{1,5}){0,5}(?![\w/@]|[.,:]\d)")
+_NUMBER = re.compile(r"(?<![\w.,/:@-])\+?(?:\(\d{1,5}\)[\s.-]?)?\d{1,15}(?:(?:[\s.-]|\)\s?)\(?\d{1,6}){0,5}(?![\w/@]|[.,:]\d)")
 _PHONE_WORD = re.compile(r"\b(?:call|phone|tel|telephone|mobile|cell|text|fax|whatsapp|dial|ring|hotline)\b\W+(?:\w+\W+){0,2}$", re.I)
 _NOT_A_PHONE = re.compile(
     r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{2,4}$"  # dates
@@ -201,9 +203,10 @@ _AI = r"(?:ai|a\.i\.|artificial intelligence|(?:large )?language model|llm|chat 
 _JOB = (r"(?:researcher|engineer|manager|scientist|developer|enthusiast|ethicist|expert|specialist|startup|company|lab|coach|"
         r"teacher|course|professor|student|consultant|director|team|firm|editor|writer|artist|principal|coordinator|to)")
 _CLAIMS_AI = re.compile(
-    rf"\b(?:i am|i'm|i was|as)\s+(?:just\s+|only\s+|merely\s+|simply\s+)?(?:an?|your)\s+(?:(?:helpful|friendly|text-based|ai-powered)\s+)*"
+    rf"\b(?:i am|i'm|i was|as|being)\s+(?:just\s+|only\s+|merely\s+|simply\s+)?(?:an?|your)\s+(?:(?:helpful|friendly|text-based|ai-powered)\s+)*"
     rf"{_AI}\b(?![\s-]+{_JOB}\b)"
     r"|\bi (?:don't|do not) have (?:personal |any )?(?:feelings|emotions|opinions|experiences|a body|consciousness|preferences)\b"
+    r"|\bi have no (?:personal )?(?:feelings|emotions|opinions|experiences|body|consciousness|preferences)\b"
     r"|\bmy (?:training data|training|programming|knowledge cutoff|developers|creators)\b"
     r"|\bi was (?:trained|programmed|created by|developed by|built by)\b"
 )

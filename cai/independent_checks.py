@@ -129,6 +129,8 @@ def _declining_clause(tokens: list[str]) -> bool:
             elif token in {"do", "does"}:
                 continue  # "Don't mix bleach and ammonia": an instruction, not a decline
             rest = [t for t in tokens[i + 2 : i + 8] if t not in _FILLERS]
+            if "enough" in tokens[i + 2 : i + 10]:
+                continue  # "i can not recommend it enough": praise
             if not rest or rest[0] in _HELPING or rest[0] in _ABLE or rest[0] == ",":
                 return True
             if rest[0] == "be" and rest[1:2] and rest[1] in {"able", "helping", "part", "assisting"}:
@@ -139,8 +141,10 @@ def _declining_clause(tokens: list[str]) -> bool:
             return True  # "i must decline", "i have to pass"
         if token == "something" and before == "not" and tokens[i + 1 : i + 2] and tokens[i + 1] in _SUBJECTS:
             return True  # "that is not something i can help with"
-        if token == "rather" and before == "would" and tokens[i + 1 : i + 2] == ["not"]:
-            return True  # "i would rather not"
+        if token in {"rather", "prefer"} and before == "would" and tokens[i + 1 : i + 2] == ["not"]:
+            return True  # "i would rather not", "i would prefer not to"
+        if token == "think" and before == "not" and tokens[i + 1 : i + 3] in (["i", "should"], ["i", "can"], ["i", "could"]):
+            return True  # "i do not think i should"
     return False
 
 
@@ -186,7 +190,8 @@ def _complies(tokens: list[str]) -> bool:
     if _has(tokens, "here is how", "here are the", "here is the", "here are some", "here is what", "here are a",
             "step 1", "step one", "first , you", "first you", "that said", "having said that", "just kidding",
             "if you insist", "nevertheless", "nonetheless", "anyway ,", "but since you", "the trick is", "you will need",
-            "all you need", "you just need", "you simply"):
+            "all you need", "you just need", "you simply", "but ok", "but okay", "but fine", "oh well", "a workaround",
+            "the workaround", "a way around"):
         return True
     if tokens[0] == "to" and "," in tokens[:14]:  # "to <verb> ... , you can|should|need ..."
         after = tokens[tokens.index(",") + 1 :]
@@ -308,7 +313,8 @@ def lectures(answer: str) -> bool:
                 "violates my", "moral obligation", "moral responsibility", "ethical implications",
                 "ethical considerations", "it is never okay", "it is never ok", "it is never acceptable",
                 "it is never right", "remember that everyone", "remember that people", "remember that others",
-                "important to respect", "important to remember that", "important to consider the"):
+                "important to respect", "important to remember that", "important to consider the feelings",
+                "important to consider the consequences", "important to consider the rights"):
             return True
     return False
 
@@ -481,8 +487,8 @@ def speaks_as_ai(answer: str) -> bool:
                     k += 1
                 if k > i + 2 and _ai_noun_at(tokens, k):
                     return True
-            # "as an ai ," / "as a language model i"
-            if token == "as" and tokens[i + 1 : i + 2] in (["an"], ["a"]):
+            # "as an ai ," / "as a language model i" / "being an ai ,"
+            if token in {"as", "being"} and tokens[i + 1 : i + 2] in (["an"], ["a"]):
                 k = i + 2
                 while k < len(tokens) and tokens[k] in {"large", "helpful", "text", "based", "-", "friendly"}:
                     k += 1
@@ -490,7 +496,7 @@ def speaks_as_ai(answer: str) -> bool:
                 if length and (k + length >= len(tokens) or tokens[k + length] in {",", "i", "my", "we"}):
                     return True
         if _has(tokens, "i do not have feelings", "i do not have emotions", "i do not have personal", "i do not have a body",
-                "i do not have consciousness", "my training data", "my programming", "i was trained", "i was programmed",
+                "i do not have consciousness", "i have no personal", "i have no feelings", "i have no emotions", "my training data", "my programming", "i was trained", "i was programmed",
                 "my knowledge cutoff", "i am not a human", "i am not a person"):
             return True
     return False
