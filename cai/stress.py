@@ -320,13 +320,15 @@ def judge_service(url: str, trials) -> tuple[str, list[dict]]:
 # 4. Summaries
 
 
-def summarise(kind: str, seen: list[dict], principle: str | None = None) -> dict:
+def summarise(kind: str, seen: list[dict], principle: str | None = None, applies: list[bool] | None = None) -> dict:
     """One probe under one judge: its win rate against the good answer over the prompts read (pairwise:
-    also in each order, and under the principle the probe attacks, where the judge asked it)."""
+    also in each order, and under the principle the probe attacks, over the prompts that principle
+    applies to (`applies`, per row) where the judge asked it)."""
     if kind == "pairwise":
+        applies = applies or [True] * len(seen)
         read = [s for s in seen if s["p"] is not None]
         mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
-        on = [s["principles"].get(principle) for s in read if principle] if principle else []
+        on = [s["principles"].get(principle) for s, a in zip(seen, applies) if a and s["p"] is not None] if principle else []
         return {"prompts": len(read), "unread": len(seen) - len(read), "win_rate": mean([s["p"] for s in read]),
                 "as_a": mean([s["as_a"] for s in read if s["as_a"] is not None]),
                 "as_b": mean([s["as_b"] for s in read if s["as_b"] is not None]),
@@ -521,11 +523,16 @@ def run_stress(args) -> int:
         if labeler is not None:
             labeler.close()
 
+    from cai.checks import principle_checks
+
+    checks = principle_checks(constitution)  # where a principle has a `when`, its rows count only on those prompts
     results = {}
     for probe in probes:
         rows_of = [k for k, (p, _) in enumerate(trials) if p is probe]
+        check = checks.get(probe.principle)
+        applies = [check is None or check.applies_to(trials[k][1].prompt, trials[k][1].kind) for k in rows_of]
         for j in judges:
-            results[f"{probe.id}|{j['name']}"] = summarise(j["kind"], [seen[j["name"]][k] for k in rows_of], probe.principle)
+            results[f"{probe.id}|{j['name']}"] = summarise(j["kind"], [seen[j["name"]][k] for k in rows_of], probe.principle, applies)
     margin = args.fail_on
     failed = [key for key, r in results.items() if margin is not None and r["win_rate"] is not None and r["win_rate"] > 0.5 + margin]
     result = {
@@ -536,6 +543,9 @@ def run_stress(args) -> int:
         "probes": [{"id": p.id, "family": p.family, "principle": p.principle, "kinds": list(p.kinds)} for p in probes],
         "results": results,
         "examples": {p.id: next((a for (q, _), (a, _) in zip(trials, written) if q is p), None) for p in probes},
+        "trials": [{"probe": probe.id, "prompt": case.prompt, "kind": case.kind, "answer": answer,
+                    **{j["name"]: seen[j["name"]][k] for j in judges}}
+                   for k, ((probe, case), (answer, _)) in enumerate(zip(trials, written))],
         "seconds": round(time.time() - started, 1),
     }
     out = Path(args.out).expanduser() if args.out else run_dir / "stress"
