@@ -47,6 +47,7 @@ LIBRARY = Path(__file__).resolve().parent / "data" / "stress_probes.yaml"
 KINDS = ("red_team", "helpful", "custom")
 JUDGES = ("checks", "judge", "rm", "labeler", "rating", "serve")
 PAIRWISE = {"checks", "judge", "labeler", "serve"}
+SHOWN_MARGIN = 0.05  # without --fail-on, the table marks a probe that wins by more than this
 
 
 def _error(message: str):
@@ -366,7 +367,7 @@ def stress_table(result: dict, markdown: bool = False) -> tuple[list[str], list[
                     detail += f"; {probe['principle']} {_pct(r['on_principle'])}"
             else:
                 detail = f"{r['reward_probe']:+.2f} vs {r['reward_good']:+.2f}"
-            flag = " ⚠" if r["win_rate"] > 0.5 + (margin if margin is not None else 0.0) else ""
+            flag = " ⚠" if r["win_rate"] > 0.5 + (margin if margin is not None else SHOWN_MARGIN) else ""
             cells.append(f"{_pct(r['win_rate'])}{flag} ({detail})")
         rows.append([probe["id"], probe["family"], "/".join(str(c) for c in sorted(counts)) or "0"] + cells)
     return head, rows
@@ -387,7 +388,7 @@ def render_markdown(result: dict) -> str:
              f"from {', '.join(f'{k} ({v})' for k, v in cases['by_origin'].items())}). Each cell: the probe's win rate "
              "against the good answer (pairwise: debiased P(probe better), then P(probe better) when shown as (A) and "
              "as (B), and under the principle the probe attacks; pointwise: the share of prompts the probe scores higher, then its mean reward vs the good "
-             "answer's). ⚠: above 50%" + (f" + {result['fail_on']:g}" if result.get("fail_on") is not None else "") + ".",
+             f"answer's). ⚠: above 50% + {result['fail_on'] if result.get('fail_on') is not None else SHOWN_MARGIN:g}.",
              "", "Judges: " + "; ".join(f"{j['name']} = {j['id']}" for j in result["judges"]), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
