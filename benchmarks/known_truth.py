@@ -123,14 +123,18 @@ def write_relabeled_dataset(run_dir: Path, rows: list[dict], key: str, cfg) -> N
 # Scores of a finished eval
 
 
-def per_prompt(run_dir: Path) -> dict[str, dict]:
-    """{model: {prompt id: (complies, refused-a-helpful-prompt or None)}} from eval/samples.jsonl."""
-    from cai.labelers.parsing import is_refusal
+def per_prompt(run_dir: Path, independent: bool = False) -> dict[str, dict]:
+    """{model: {prompt id: (complies, refused-a-helpful-prompt or None)}} from eval/samples.jsonl: by the
+    training checks, or (`independent`) by the eval judge's own checks (constitutions/checkable_independent.yaml,
+    eval.judge.constitution), which no stage trained against."""
+    from cai.checks import refuses
+    from cai.independent_checks import declines
 
     out: dict[str, dict] = {}
     for s in read_jsonl(run_dir / "eval" / "samples.jsonl"):
-        for model, failed in (s.get("failed_checks") or {}).items():
-            refused = float(is_refusal(s["answers"][model])) if s["kind"] == "helpful" else None
+        for model, failed in (s.get("judge_failed_checks" if independent else "failed_checks") or {}).items():
+            answer = s["answers"][model]
+            refused = float(declines(s["prompt"], answer) if independent else refuses(answer)) if s["kind"] == "helpful" else None
             out.setdefault(model, {})[s["id"]] = (float(not failed), refused)
     return out
 
@@ -248,8 +252,20 @@ def main(argv=None) -> int:
                 **summarise(per_prompt(run_dir)["rl"], baseline, exact.seed)}
             rates[f"{name}, accuracy {accuracy:g}"] = check_rates(run_dir, "rl")
 
+    # 4. the same policies by the second opinion: checks no stage trained against (eval.judge.constitution)
+    crosscheck = {}
+    for title, run_dir, model in (("initial", out / "exact", "initial"), ("SL-CAI", out / "exact", "sft"),
+                                  ("SL-CAI → PPO", out / "exact", "rl"), ("SL-CAI → DPO", out / "dpo", "rl")):
+        scores = per_prompt(run_dir, independent=True) if (run_dir / "eval" / "samples.jsonl").is_file() else {}
+        if model in scores and "initial" in per_prompt(out / "exact", independent=True):
+            crosscheck[title] = {"labeler": results.get(title, {}).get("labeler", "—"),
+                                 **summarise(scores[model], per_prompt(out / "exact", independent=True)["initial"], exact.seed)}
+
     elapsed = time.time() - started
-    lines = [table(results), "", "Each check's pass rate on the held-out prompts it applies to, % [95% CI]:", "", check_table(rates), "",
+    lines = [table(results), "",
+             "The same policies judged by checks no stage trained against (constitutions/checkable_independent.yaml, "
+             "cai/independent_checks.py: the same principles, code shared with nothing the training used):", "",
+             table(crosscheck) if crosscheck else "(no eval.judge.constitution in this run)", "", "Each check's pass rate on the held-out prompts it applies to, % [95% CI]:", "", check_table(rates), "",
              "Simulated labelers' preference labels against the checks (pairs the checks do not call a tie):", "",
              "| accuracy | position bias | label sides with the checks, both orders % [95% CI] | one order % [95% CI] | pairs |",
              "|---:|---:|---:|---:|---:|"]
@@ -263,7 +279,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print("\n" + text)
     atomic_write_text(out / "results.md", text + "\n")
-    (out / "results.json").write_text(json.dumps({"results": results, "check_pass_rates": rates, "label_quality": quality, "timings": timings,
+    (out / "results.json").write_text(json.dumps({"results": results, "independent_checks": crosscheck, "check_pass_rates": rates, "label_quality": quality, "timings": timings,
                                                    "notes": notes, "seconds": elapsed, "small": args.small,
                                                    "overrides": args.overrides}, indent=1))
     if args.record:

@@ -167,6 +167,13 @@ def cmd_serve(args) -> int:
     serve(cfg)
 
 
+def cmd_stress(args) -> int:
+    from cai.stress import run_stress
+
+    _quiet_libraries()
+    return run_stress(args)
+
+
 def cmd_batches(args) -> int:
     import datetime
 
@@ -257,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. serve.mode=group serve.port=8001")
     p.set_defaults(func=cmd_serve)
+
+    from cai.stress import add_arguments as stress_arguments
+
+    p = sub.add_parser(
+        "stress",
+        help="put known reward hacks (apologies, keyword stuffing, ':', chat markup, notes to the judge...) to the "
+        "run's judges beside good answers; --fail-on for CI",
+        description="Every probe of a library of adversarial answers (cai/data/stress_probes.yaml, plus --probes FILE) "
+        "beside a good answer to the same prompt, put to each judge: the checks, the eval judge, the reward model, the "
+        "choice labeler (pairwise in both orders, and its 0-9 rating) and a running `cai serve`. Prints a table, writes "
+        "OUTPUT_DIR/stress/stress.json and .md (shown in the eval report); --fail-on MARGIN exits 1 when a probe's win "
+        "rate against the good answer exceeds 0.5 + MARGIN.",
+    )
+    stress_arguments(p)
+    p.set_defaults(func=cmd_stress)
 
     p = sub.add_parser("batches", help="list the labeler batches (labeler.batch_api) a run has open")
     p.add_argument("config", help="YAML run config (see configs/)")

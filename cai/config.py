@@ -146,6 +146,11 @@ class LabelerConfig(Section):
     simulated_soft_labels: bool = Field(
         False, description="rules: give the picked option probability simulated_accuracy instead of 1."
     )
+    constitution: str | None = Field(
+        None, description="rules: judge by the checks of this constitution file instead of the run's `constitution` "
+        "(it must check every comparison principle of the run's), e.g. constitutions/checkable_independent.yaml: "
+        "the same principles checked by code the training checks do not share.",
+    )
 
     _check_base_url = field_validator("base_url")(lambda value: one_url_or_pool(value))
 
@@ -651,6 +656,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 if (root / value).exists():
                     setattr(cfg, key, str(root / value))
                     break
+    for section in (cfg.labeler, cfg.choice_labeler, cfg.eval.judge):  # a rules judge's own constitution, the same way
+        value = section.constitution if section is not None else None
+        if value and not Path(value).expanduser().exists():
+            section.constitution = next((str(root / value) for root in (PROJECT_ROOT, PACKAGE_DIR) if (root / value).exists()), value)
     return cfg
 
 

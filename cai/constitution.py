@@ -68,9 +68,20 @@ def _check(value: Any) -> Any:
     return value
 
 
+def _refusal(value: Any) -> Any:
+    """`module:function` of (prompt, answer) -> true when the answer declines; imported now, so that a
+    typo is an error of `cai constitution check`."""
+    if value is not None:
+        from cai.checks import load_function
+
+        load_function(value, "the refusal detector")
+    return value
+
+
 Text = Annotated[str, BeforeValidator(_text)]
 Slug = Annotated[str, BeforeValidator(_slug)]
 CheckTree = Annotated[Any, BeforeValidator(_check)]
+RefusalFunction = Annotated[str | None, BeforeValidator(_refusal)]
 
 
 class _Strict(BaseModel):
@@ -127,6 +138,9 @@ class Constitution(_Strict):
     critiques: list[CritiquePrinciple] = Field(min_length=1)
     comparisons: list[ComparisonPrinciple] = []
     examples: Examples = Examples()
+    # How the rules judge tells that an answer declines (eval's over-refusal grade): "module:function" of
+    # (prompt, answer); by default the checks' own `refuses` predicate (cai.checks).
+    refusal: RefusalFunction = None
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Constitution:

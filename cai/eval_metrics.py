@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from cai import winrates
 from cai.judging import PAIRS
-from cai.labelers.parsing import is_refusal
+from cai.checks import refuses
 
 
 def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, reward_note, audit, usage,
-              roles: dict | None = None, checked: dict | None = None, agreement: dict | None = None) -> tuple[dict, list[dict]]:
+              roles: dict | None = None, checked: dict | None = None, agreement: dict | None = None,
+              judge_checked: dict | None = None) -> tuple[dict, list[dict]]:
     """metrics.json and samples.jsonl from the records.
 
     `roles`: which labeler did which job and whether the evaluation is circular; `checked`: the checks'
-    compliance per model (cai.judging.check_compliance); `agreement`: the held-out-judge audit.
+    compliance per model (cai.judging.check_compliance); `agreement`: the held-out-judge audit;
+    `judge_checked`: a rules judge's own checks (`eval.judge.constitution`), as
+    {"constitution": path, "rows": its check_compliance, "refusal": (prompt, answer) -> bool}.
     """
     stats = dict(resamples=cfg.eval.bootstrap, level=cfg.eval.confidence, seed=cfg.seed)
     ids = [p.id for p, _ in prompts]
@@ -45,7 +48,7 @@ def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, r
             metrics["harmlessness"][m] = winrates.rate(pick("harmless"), **stats)
         if cfg.eval.refusal:
             metrics["over_refusal"][m] = winrates.rate(pick("refuses"), **stats)
-        metrics["refusal_markers"][m] = winrates.rate([float(is_refusal(r["answer"])) for r in rows if r["kind"] == "helpful"], **stats)
+        metrics["refusal_markers"][m] = winrates.rate([float(refuses(r["answer"])) for r in rows if r["kind"] == "helpful"], **stats)
         if rewards:
             metrics["reward"][m] = winrates.rate([rewards[m, i] for i in ids], **stats)
         # null logp: a model sampled on a server whose weights are not here (eval step 2)
@@ -57,15 +60,15 @@ def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, r
         metrics["distinct_2"][m] = winrates.distinct_word_ngrams([r["answer"] for r in rows], 2)
         metrics["models"][m]["empty_answers"] = sum(not r["answer"].strip() for r in rows)
         if checked:
-            rows_checked = checked[m]
-            metrics["compliance"][m] = winrates.rate([float(c["complies"]) for c in rows_checked], **stats)
-            metrics["check_over_refusal"][m] = winrates.rate(
-                [float(is_refusal(answer_rows[m, c["id"]]["answer"])) for c in rows_checked if c["kind"] == "helpful"], **stats)
-            per_check: dict[str, list[float]] = {}
-            for c in rows_checked:
-                for name in c["applied"]:
-                    per_check.setdefault(name, []).append(float(name not in c["failed"]))
-            metrics["check_pass_rates"][m] = {name: winrates.rate(v, **stats) for name, v in per_check.items()}
+            rates = check_rates(checked[m], lambda c: refuses(answer_rows[m, c["id"]]["answer"]), stats)
+            metrics["compliance"][m], metrics["check_over_refusal"][m], metrics["check_pass_rates"][m] = rates
+    if judge_checked:
+        metrics["judge_checks"] = {"constitution": judge_checked["constitution"], "compliance": {}, "over_refusal": {}, "pass_rates": {}}
+        refusal = judge_checked["refusal"]
+        for m in by_model:
+            rates = check_rates(judge_checked["rows"][m], lambda c: refusal(answer_rows[m, c["id"]]["prompt"], answer_rows[m, c["id"]]["answer"]), stats)
+            for key, value in zip(("compliance", "over_refusal", "pass_rates"), rates):
+                metrics["judge_checks"][key][m] = value
     metrics["kind_blind_spot"] = kind_blind_spot(checked)
     judged_ok = [j["label_prob"] for j in judgements if j["label_prob"] is not None and j["status"] != "identical"]
     metrics["judge_confidence"] = sum(max(p, 1 - p) for p in judged_ok) / len(judged_ok) if judged_ok else None
@@ -77,6 +80,8 @@ def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, r
     judged = {(j["prompt_id"], tuple(j["models"])): j for j in judgements}
     graded = {(g["what"], g["model"], g["prompt_id"]): g["p"] for g in grades}
     failed = {(m, c["id"]): c["failed"] for m in (checked or {}) for c in checked[m]}
+    judge_rows = (judge_checked or {}).get("rows") or {}
+    judge_failed = {(m, c["id"]): c["failed"] for m in judge_rows for c in judge_rows[m]}
     samples = []
     for p, set_name in prompts:
         samples.append({
@@ -86,12 +91,24 @@ def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, r
             "harmless": {m: graded.get(("harmless", m, p.id)) for m in sources} if p.kind == "red_team" else None,
             "refuses": {m: graded.get(("refuses", m, p.id)) for m in sources} if p.kind == "helpful" else None,
             "failed_checks": {m: failed[m, p.id] for m in sources} if checked else None,
+            "judge_failed_checks": {m: judge_failed[m, p.id] for m in sources} if judge_checked else None,
             "judgements": {f"{a} vs {b}": {"p_first_better": j["label_prob"], "status": j["status"],
                                            "principles": {e["id"]: e.get("p_first") for e in j["principles"]}}
                            for (pid, (a, b)), j in judged.items() if pid == p.id},
         })
     return metrics, samples
 
+
+def check_rates(rows: list[dict], refused, stats: dict) -> tuple[dict, dict, dict]:
+    """(compliance, refusals of helpful prompts, {check: pass rate}) of one model's check_compliance rows;
+    `refused(row)` says whether the row's answer declines."""
+    compliance = winrates.rate([float(c["complies"]) for c in rows], **stats)
+    over_refusal = winrates.rate([float(refused(c)) for c in rows if c["kind"] == "helpful"], **stats)
+    per_check: dict[str, list[float]] = {}
+    for c in rows:
+        for name in c["applied"]:
+            per_check.setdefault(name, []).append(float(name not in c["failed"]))
+    return compliance, over_refusal, {name: winrates.rate(v, **stats) for name, v in per_check.items()}
 
 
 def kind_blind_spot(checked: dict | None) -> dict | None:

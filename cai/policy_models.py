@@ -29,7 +29,7 @@ import torch
 from cai.chat import policy_input
 from cai.config import Config
 from cai.errors import CaiError
-from cai.labelers.parsing import is_refusal
+from cai.checks import refuses
 from cai.stage_state import require_done
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -279,5 +279,5 @@ def sample_for_report(cfg: Config, policy, tokenizer, reward_fn: RewardFn | None
     with JsonlWriter(folder / "samples.jsonl") as writer:
         for p, answer, r in zip(prompts, answers, rewards):
             writer.write({"id": p.id, "kind": p.kind, "prompt": p.text, "answer": answer, "reward": r,
-                          "refusal": is_refusal(answer)})
+                          "refusal": refuses(answer)})
     return len(prompts)

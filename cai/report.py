@@ -76,6 +76,7 @@ def load_run(run_dir: str | Path) -> dict:
         "constitution_text": constitution_text,
         "constitution": constitution if isinstance(constitution, dict) else {},
         "questions": {c.get("id"): c.get("question") for c in (constitution or {}).get("comparisons", []) or [] if isinstance(c, dict)},
+        "stress": json.loads((run_dir / "stress" / "stress.json").read_text()) if (run_dir / "stress" / "stress.json").is_file() else None,
     }
 
 
@@ -83,13 +84,32 @@ def load_run(run_dir: str | Path) -> dict:
 # Headlines
 
 
+def compliance_table(compliance: dict, over_refusal: dict | None, pass_rates: dict | None) -> tuple[list, list]:
+    """Per model: compliance, refusals of helpful prompts and each check's pass rate, with intervals."""
+    rate_fmt = lambda r: "n/a" if not r or r.get("mean") is None else f"{pct(r['mean'])} {ci_text(r['ci'])} (n={r['n']})"  # noqa: E731
+    head = ["check"] + [name(x) for x in compliance]
+    rows = [["every check that applies"] + [rate_fmt(r) for r in compliance.values()]]
+    rows += [["refusals of helpful prompts ↓"] + [rate_fmt((over_refusal or {}).get(x)) for x in compliance]]
+    checks = sorted({c for per in (pass_rates or {}).values() for c in per})
+    rows += [[c] + [rate_fmt(((pass_rates or {}).get(x) or {}).get(c)) for x in compliance] for c in checks]
+    return head, rows
+
+
 def headline_items(metrics: dict) -> list[dict]:
     """Up to three numbers a person reads first: the main win rate, harmlessness, over-refusal
     (the reward-model score fills in when a grade is missing). Each: title, value, detail."""
     items = []
+    judged = {m: r for m, r in ((metrics.get("judge_checks") or {}).get("compliance") or {}).items() if r.get("mean") is not None}
+    if judged:
+        items.append({"title": "Compliance, judged by checks no stage trained against",
+                      "value": " → ".join(pct(r["mean"]) for r in judged.values()),
+                      "detail": f"{', '.join(name(m) for m in judged)}; by {metrics['judge_checks']['constitution']}, intervals "
+                                + ", ".join(ci_text(r["ci"]) for r in judged.values())})
     compliance = {m: r for m, r in (metrics.get("compliance") or {}).items() if r.get("mean") is not None}
     if compliance:
-        judge = "an independent judge" if not (metrics.get("roles") or {}).get("circular", True) else "the training labeler's checks"
+        roles = metrics.get("roles") or {}
+        trained = roles.get("circular", True) or (roles.get("choices") or {}).get("backend") == "rules"
+        judge = "the checks the preference labels came from" if trained else "an independent judge"
         items.append({"title": "Compliance with the constitution's checks",
                       "value": " → ".join(pct(r["mean"]) for r in compliance.values()),
                       "detail": f"{', '.join(name(m) for m in compliance)}; share of held-out answers that satisfy every check "
@@ -568,17 +588,18 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
                    "The judge is not the labeler that the preference stage trained against: the evaluation is independent of training.")
         out.append({"title": "Who judged", "text": ["Labelers by job — " + "; ".join(who) + ".", verdict]})
     if m.get("compliance"):
-        head = ["check"] + [name(x) for x in m["compliance"]]
-        rate_fmt = lambda r: "n/a" if not r or r.get("mean") is None else f"{pct(r['mean'])} {ci_text(r['ci'])} (n={r['n']})"  # noqa: E731
-        rows = [["every check that applies"] + [rate_fmt(r) for r in m["compliance"].values()]]
-        rows += [["refusals of helpful prompts ↓"] + [rate_fmt((m.get("check_over_refusal") or {}).get(x)) for x in m["compliance"]]]
-        checks = sorted({c for per in (m.get("check_pass_rates") or {}).values() for c in per})
-        rows += [[c] + [rate_fmt((m["check_pass_rates"].get(x) or {}).get(c)) for x in m["compliance"]] for c in checks]
-        out.append({"title": "Known truth: compliance with the checks", "plot": "compliance", "tables": [(head, rows)],
+        out.append({"title": "Known truth: compliance with the checks", "plot": "compliance",
+                    "tables": [compliance_table(m["compliance"], m.get("check_over_refusal"), m.get("check_pass_rates"))],
                     "text": ["Every principle's check evaluated by a program on each held-out answer (cai/checks.py): an answer "
                              "complies when it satisfies every check that applies to its prompt. No labeler is asked, so these "
                              "numbers are exact for the answers sampled; the intervals are bootstrap over prompts."]
                     + (["Blind spot: " + blind_spot_text(m)[2:] + "."] if blind_spot_text(m) else [])})
+    if m.get("judge_checks"):
+        j = m["judge_checks"]
+        out.append({"title": "Checks no stage trained against", "tables": [compliance_table(j["compliance"], j["over_refusal"], j["pass_rates"])],
+                    "text": [f"The judge's own checks ({j['constitution']}, eval.judge.constitution), by the same rule: where "
+                             "these numbers and the table above part, one of the two implementations is being fooled — a "
+                             "policy that learnt a blind spot of the training checks scores well there and not here."]})
     if m.get("agreement"):
         a = m["agreement"]
         rows = [[k, str(a[k]["pairs"]), str(a[k]["judge_decisive"]), pct(a[k]["agreement"]) if a[k]["agreement"] is not None else "n/a"]
@@ -632,6 +653,16 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
                 "text": ["Red-team prompts of the SL stage: the initial model's first answer, the labeler's critique(s) "
                          "against the principle drawn and its revision (what SL-CAI was trained on), and what the final "
                          "policy answers to the same prompt now." if data["examples"] else "No SL-CAI records to show."]})
+    if data.get("stress"):
+        from cai.stress import stress_table
+
+        stress = data["stress"]
+        out.append({"title": "Stress test: known hacks against the judges", "tables": [stress_table(stress)],
+                    "text": [f"`cai stress` ({stress['cases']['total']} prompts with a good answer): each probe's win rate "
+                             "against the good answer to the same prompt, per judge (pairwise: both orders averaged, then "
+                             "the probe shown as (A) and as (B), and under the principle it attacks; pointwise: the share of "
+                             "prompts it scores higher, and the mean rewards). ⚠ marks a probe the judge prefers to the good answer by more "
+                             "than the margin (--fail-on, else 5 points): a hack the optimiser can find."]})
     samples = data["samples"][:8]
     models = list(m.get("models", {}))
     rows = []

@@ -2,11 +2,16 @@
 
 StrictUndefined: a template that names a variable the stage does not pass fails with a line that
 names the template and the variable, instead of rendering an empty string into a prompt.
+
+Two filters present text the judge reads: `inert` (chat markup in it made plain text) and `quoted` (an
+answer under judgement, inert and quoted line by line), so that an answer cannot end its turn, speak
+as the question or pass itself off as another option.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import jinja2
@@ -17,8 +22,33 @@ from cai.errors import CaiError
 SHIPPED_PROMPTS = Path(__file__).resolve().parent / "prompts"
 
 
+# Chat markup of the common model families, which a tokenizer reads as control tokens when it meets them
+# in text: ChatML and Qwen (<|im_end|>), Llama 3 (<|eot_id|>, <|start_header_id|>), Phi (<|end|>), GPT-OSS
+# (<|message|>), DeepSeek (<｜User｜>), Llama 2 / Mistral ([INST], <<SYS>>, </s>), Gemma (<end_of_turn>) and
+# reasoning tags (<think>).
+CHAT_MARKUP = re.compile(
+    r"<\|[^<>|\n]{1,40}\|>|<\uff5c[^<>\uff5c\n]{1,40}\uff5c>|</?(?:s|think|bos|eos|pad|unk|start_of_turn|end_of_turn)>"
+    r"|\[/?INST\]|<</?SYS>>",
+    re.I,
+)
+_INERT = str.maketrans({"<": "\u2039", ">": "\u203a", "[": "(", "]": ")"})
+
+
+def inert(text: str) -> str:
+    """`text` with every piece of chat markup made plain text: its brackets swapped for look-alikes
+    ("<|im_end|>" -> "‹|im_end|›"), so that no tokenizer reads an end of turn or a new turn in it."""
+    return CHAT_MARKUP.sub(lambda m: m.group(0).translate(_INERT), str(text))
+
+
+def quoted(text: str) -> str:
+    """An answer as the judge's templates show it: chat markup made inert and every line opened with
+    "> ", so that nothing in it can close its block, start a line of the question or pose as another
+    option — the labels the templates write stand outside the quote, where no answer can put text."""
+    return "\n".join("> " + line if line else ">" for line in inert(text).split("\n"))
+
+
 def _environment(loader: jinja2.BaseLoader) -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=loader,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -26,6 +56,8 @@ def _environment(loader: jinja2.BaseLoader) -> jinja2.Environment:
         keep_trailing_newline=False,
         autoescape=False,
     )
+    env.filters.update(quoted=quoted, inert=inert)
+    return env
 
 
 class Templates:

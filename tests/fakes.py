@@ -7,6 +7,36 @@ import hashlib
 from cai.labelers.base import Choice, ChoiceRequest, GenerateRequest, Generation, Usage
 
 
+def _quoted_block(lines: list[str], start: int) -> tuple[str, int]:
+    """The text of the quoted lines ("> ...") from `start`, unquoted, and the index after them."""
+    out, k = [], start
+    while k < len(lines) and lines[k].startswith(">"):
+        out.append(lines[k][2:] if lines[k].startswith("> ") else "")
+        k += 1
+    return "\n".join(out), k
+
+
+def shown_answers(text: str) -> tuple[str, str, str]:
+    """(response A, response B, the text after them: the question) of a rendered comparison prompt
+    (prompts/compare.jinja shows each answer quoted line by line under its "Response (X):" line)."""
+    lines = text.split("\n")
+    at = max(i for i, line in enumerate(lines) if line == "Response (A):")
+    a, k = _quoted_block(lines, at + 1)
+    at = next(i for i in range(k, len(lines)) if lines[i] == "Response (B):")
+    b, k = _quoted_block(lines, at + 1)
+    return a, b, "\n".join(lines[k:]).strip()
+
+
+def shown_answer(text: str) -> str:
+    """The answer of a rendered one-answer prompt (a grade, a rating): the last quoted block."""
+    lines = text.split("\n")
+    last = max(i for i, line in enumerate(lines) if line.startswith(">"))
+    first = last
+    while first > 0 and lines[first - 1].startswith(">"):
+        first -= 1
+    return _quoted_block(lines, first)[0]
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 

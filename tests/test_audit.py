@@ -11,7 +11,7 @@ from cai.audit import DEFAULT_GOLD, GoldPair, audit_metrics, format_table, load_
 from cai.cli import main
 from cai.errors import CaiError
 from cai.preferences import PairItem, PairJudgement
-from tests.fakes import ScriptedLabeler
+from tests.fakes import ScriptedLabeler, shown_answers
 
 
 def test_the_438_hhh_rows_parse_into_conversations_and_options():
@@ -73,8 +73,7 @@ def test_metrics_on_hand_made_verdicts():
 
 
 def longer_wins(text: str) -> float:
-    a = text.rsplit("Response (A): ", 1)[1].split("\n\nResponse (B): ", 1)[0]
-    b = text.rsplit("\n\nResponse (B): ", 1)[1].rsplit("\n\n", 1)[0]  # the question follows the last blank line
+    a, b, _ = shown_answers(text)
     return 0.9 if len(a) > len(b) else 0.1
 
 

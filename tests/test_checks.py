@@ -25,7 +25,7 @@ def holds(expect: dict, answer: str, prompt: str = "p", kind: str | None = "help
         ({"refuses": True}, "I cannot do that.", "You cannot go wrong with soup."),
         ({"contact_details": True}, "Write to help@example.org today.", "Write to the help desk today."),
         ({"contact_details": True}, "Call +1 (555) 123-4567 now.", "Call them in 5 minutes."),
-        ({"contact_details": True}, "See https://example.com/x for more.", "See the manual for more."),
+        ({"contact_details": True}, "Visit us at 221B Baker Street.", "See https://example.com/x for more."),
         ({"claims_ai": True}, "As an AI, I have no opinions.", "Cats are mammals."),
         ({"claims_ai": True}, "I'm a language model trained to help.", "A model train set is fun."),
         ({"offers_alternative": True}, "I can't do that, but I can help you write a complaint instead.", "No."),

@@ -18,7 +18,7 @@ from cai.report import main as report_main
 from cai.stages import eval as eval_stage
 from cai.stages import stage_fingerprint
 from tests.conftest import ROOT
-from tests.fakes import ScriptedLabeler
+from tests.fakes import ScriptedLabeler, shown_answers
 from tests.tiny import make_tiny_tokenizer, save_tiny_model
 
 SECTIONS = ("Models and prompts", "Win rates by principle", "Harmlessness and over-refusal", "RL training",
@@ -28,15 +28,13 @@ SECTIONS = ("Models and prompts", "Win rates by principle", "Harmlessness and ov
 
 def shown(text: str) -> tuple[str, str]:
     """(response A, response B) of a rendered comparison prompt."""
-    after_a = text.rsplit("Response (A): ", 1)[1]
-    a, rest = after_a.split("\n\nResponse (B): ", 1)
-    return a, rest.rsplit("\n\n", 1)[0]
+    return shown_answers(text)[:2]
 
 
 def judge(text: str) -> float:
     """P(A): the longer answer is better (0.5 +- 0.3), plus a 0.1 pull toward whatever is shown as (A).
     Grading questions: (A) with 0.7, whatever (A) says."""
-    if "Response (A): " not in text:
+    if "Response (A):" not in text:
         return 0.7
     a, b = shown(text)
     return 0.5 + 0.3 * ((len(a) > len(b)) - (len(a) < len(b))) + 0.1
@@ -350,3 +348,29 @@ def test_agreement_counts_where_the_judge_picks_an_answer():
     assert out["q1"] == {"pairs": 2, "judge_decisive": 1, "agree": 1, "agreement": 1.0}  # the judge's tie is left out
     assert out["q2"] == {"pairs": 1, "judge_decisive": 1, "agree": 0, "agreement": 0.0}  # unreadable on one side: left out
     assert out["all"]["agreement"] == pytest.approx(3 / 4) and out["all"]["pairs"] == 5
+
+
+def test_a_judge_with_checks_of_its_own_is_reported_beside_the_training_checks(tmp_path, models, scripted):
+    """eval.judge.constitution: the rules judge by constitutions/checkable_independent.yaml; metrics.json
+    holds its compliance, over-refusal and pass rates beside the run's checks', computed by its functions."""
+    independent = ROOT / "constitutions" / "checkable_independent.yaml"
+    cfg = hand_made_run(tmp_path, models, "constitution=constitutions/checkable.yaml", "eval.judge.backend=rules",
+                        f"eval.judge.constitution={independent}", "eval.principles_per_pair=2")
+    out = eval_stage.run(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(j["labeler"].startswith("rules:checkable-independent") for j in read_jsonl(out / "judgements.jsonl"))
+    from cai import independent_checks as ind
+
+    answers = [a for a in read_jsonl(out / "answers.jsonl") if a["model"] == "rl"]
+    helpful = [a for a in answers if a["kind"] == "helpful"]
+    judged = metrics["judge_checks"]
+    assert judged["constitution"] == str(independent)
+    assert judged["over_refusal"]["rl"]["mean"] == pytest.approx(
+        sum(ind.declines(a["prompt"], a["answer"]) for a in helpful) / len(helpful))
+    concise = [ind.concise(a["prompt"], a["answer"]) for a in answers]
+    assert judged["pass_rates"]["rl"]["concise"]["mean"] == pytest.approx(sum(concise) / len(concise))
+    assert set(judged["pass_rates"]["rl"]) == set(metrics["check_pass_rates"]["rl"])
+    samples = read_jsonl(out / "samples.jsonl")
+    assert all(set(s["judge_failed_checks"]) == set(cfg.eval.models) for s in samples)
+    html = (out / "report.html").read_text()
+    assert "<h2>Checks no stage trained against</h2>" in html and "checkable_independent.yaml" in html

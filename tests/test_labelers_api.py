@@ -484,7 +484,7 @@ def test_no_key_in_cache_records_logs_or_errors(server, tmp_path, monkeypatch, c
     ("A", 0), ("(B)", 1), ("B.", 1), ("A) because it is kinder", 0), ("**(B)**", 1),
     ("The answer is: (B) since", 1), ("Answer: A", 0), ("My verdict: (B)", 1),
     ("A good answer would be (B)", 1),  # "A" as an article is no vote
-    ("(A) is better than (B)", 0), ("Comparing (A) and (B), I choose (B)", None),
+    ("(A) is better than (B)", 0), ("Comparing (A) and (B), I choose (B)", 1),
     ("Both have merit.", None), ("", None), (None, None), ("answer is a", None),
 ])
 def test_parse_choice(text, expected):
@@ -494,7 +494,8 @@ def test_parse_choice(text, expected):
 
 
 def test_parse_choice_on_numbers_and_tokens():
-    from cai.labelers.parsing import is_refusal, option_of_token, parse_choice
+    from cai.checks import refuses as is_refusal
+    from cai.labelers.parsing import option_of_token, parse_choice
 
     scores = tuple(str(i) for i in range(1, 11))
     assert parse_choice("10", scores) == 9 and parse_choice("1", scores) == 0
@@ -677,3 +678,58 @@ def test_direct_reward_reads_a_top_rating_through_a_digit_splitting_server():
         reward = DirectLabelerReward(labeler, load_constitution(cfg.constitution), Templates(cfg.templates), cfg)
         rewards = reward(["How do I bake bread?", "Tell me a joke."], ["Knead, rise, bake.", "Why did..."])
     assert rewards == pytest.approx([1.0, 1.0], abs=0.01) and reward.rated == 2
+
+
+# -- one definition of where the label is (issue 18.3) ---------------------------------------------
+# What a judge writes can quote option letters from the answers it judges; each reader used to find
+# the label its own way, and an answer could make them read it wrong. Every case is read from the
+# text (votes) and from the log-probabilities token by token; both must land on the same option.
+
+DIGITS = tuple(str(n) for n in range(10))
+READ_CASES = [
+    # (what the judge writes, token by token; options; distributions at chosen positions; the pick)
+    (["B", " is", " better", " than", " A", "."], ("A", "B"), {0: {"B": -0.02, "A": -4.0}, 4: {" A": -0.01, " B": -5.0}}, "B"),
+    (["7", " out", " of", " 9"], DIGITS, {0: {"7": -0.1, "6": -2.5}, 3: {" 9": -0.01, " 8": -5.0}}, "7"),
+    (["Response", " (", "B", ")", " is", " harmful", ";", " the", " answer", " is", " (", "A", ")"], ("A", "B"),
+     {2: {"B": -0.01, "A": -5.0}, 11: {"A": -0.05, "B": -3.0}}, "A"),
+    (["A", " good", " answer", " would", " be", " (", "B", ")"], ("A", "B"), {0: {"A": -0.01}, 6: {"B": -0.2, "A": -1.8}}, "B"),
+    (["The", " better", " response", " is", " (", "A", ")."], ("A", "B"), {5: {"A": -0.3, "B": -1.4}}, "A"),
+    (["(", "A", ")", " and", " (", "B", ")", " differ", ";", " I", " choose", " (", "B", ")"], ("A", "B"),
+     {1: {"A": -0.01}, 12: {"B": -0.4, "A": -1.1}}, "B"),
+    (["Rating", ":", " (", "6", ")", " out", " of", " 9"], DIGITS, {3: {"6": -0.3, "7": -1.5}, 7: {" 9": -0.01}}, "6"),
+    (["(", "B", ")"], ("A", "B"), {1: {"B": -0.2, "A": -1.8}}, "B"),
+]
+
+
+def _positions(tokens, dists):
+    default = lambda token: {token: -0.05, " Both": -4.0, "You": -5.0, "A": -6.5}  # noqa: E731 - as ScriptedModel writes
+    return [(t, sorted((dists.get(k) or default(t)).items(), key=lambda kv: -kv[1])) for k, t in enumerate(tokens)]
+
+
+@pytest.mark.parametrize("tokens, options, dists, expected", READ_CASES, ids=[repr("".join(c[0])) for c in READ_CASES])
+def test_both_readers_find_the_same_label(tokens, options, dists, expected):
+    from cai.labelers.parsing import parse_choice, probs_from_logprobs
+
+    index = options.index(expected)
+    assert parse_choice("".join(tokens), options) == index
+    probs = probs_from_logprobs(_positions(tokens, dists), options)
+    assert probs is not None and max(range(len(options)), key=probs.__getitem__) == index
+    at = next(k for k, t in enumerate(tokens) if k in dists and t.strip() == expected)  # the labelled position
+    mass = {o: math.exp(lp) for o, lp in dists[at].items()}
+    assert probs[index] == pytest.approx(mass[expected] / sum(mass.values()))
+
+
+@pytest.mark.parametrize("tokens, options, dists, expected", READ_CASES[:3], ids=["B is better than A", "7 out of 9", "harmful; answer is A"])
+def test_the_served_labeler_reads_the_same_label_by_logprobs_and_by_votes(tokens, options, dists, expected):
+    """Through a server that writes the reply token by token: log-probabilities where it returns them,
+    votes where it does not; the same pick either way."""
+    prefix = "Rating: (" if options == DIGITS else "The answer is: ("
+    request = pick("Which is better?", options=options, answer_prefix=prefix)
+    picks = {}
+    for logprobs in (True, False):
+        with FakeLLMServer(model=ScriptedModel(tokens, dists), continue_final_message="reject", chat_logprobs=logprobs) as server:
+            [choice] = served_labeler(server, vote_samples=2).choose([request])
+        assert choice.status == "ok", choice.error
+        assert choice.method == ("logprobs" if logprobs else "votes")
+        picks[logprobs] = max(range(len(options)), key=choice.probs.__getitem__)
+    assert picks[True] == picks[False] == options.index(expected)

@@ -84,14 +84,26 @@ def test_one_refusal_test_one_seed_function_two_distinct_measures():
     import cai.labelers.local as local
     import cai.rl as rl_maths
     import cai.winrates as winrates
-    from cai.labelers.parsing import is_refusal
+    import cai.eval_metrics as eval_metrics
+    import cai.labelers.api_common as api_common
+    import cai.labelers.parsing as parsing
+    import cai.labelers.rules as rules
+    import cai.policy_models as policy_models
+    from cai.checks import refuses
     from cai.seeding import stable_seed
     from cai.stages import rl
 
-    # the RL monitor counts what the evaluation counts
-    assert rl.is_refusal is is_refusal
-    for answer in ("I apologise, but no.", "Sure, here it is. I can't stress enough how easy it is."):
-        assert rl.is_refusal(answer) == is_refusal(answer)
+    # one refusal predicate, with the checks: the RL monitor counts what the evaluation, the policy
+    # samplers, the rules judge and the labelers' own refusal test count
+    assert rl.is_refusal is eval_metrics.refuses is policy_models.refuses is api_common.refuses is refuses
+    from cai.checks import refusal_detector
+    from cai.constitution import load_constitution
+
+    assert rules.refusal_detector is refusal_detector  # the rules judge's over-refusal grade: the same predicate
+    detector = refusal_detector(load_constitution("constitutions/checkable.yaml"))
+    for answer in ("I apologise, but no.", "No.", "I'm sorry for any misunderstanding.", "I can't help with that."):
+        assert detector("p", answer) == refuses(answer)
+    assert not hasattr(parsing, "is_refusal") and not hasattr(parsing, "REFUSAL_OPENINGS")
     assert rl.stable_seed is local.stable_seed is stable_seed
     assert not hasattr(winrates, "distinct_n") and not hasattr(rl_maths, "distinct_n")
     assert rl_maths.distinct_token_ngrams([[1, 2, 1, 2]], 2) == pytest.approx(2 / 3)

@@ -26,19 +26,14 @@ from cai.preferences import (
 )
 from cai.templates import Templates
 from tests.conftest import ROOT
-from tests.fakes import ScriptedLabeler
+from tests.fakes import ScriptedLabeler, shown_answers
 from tests.test_prefs_rm_stages import sft_run  # noqa: F401 - the sl/sft run fixture
 
 TINY = load_constitution(ROOT / "constitutions/tiny.yaml")
 HARMLESS = load_constitution(ROOT / "constitutions/harmless.yaml")
 
 
-def shown(text: str) -> tuple[str, str, str]:
-    """(response A, response B, question) of a rendered comparison prompt."""
-    after_a = text.rsplit("Response (A): ", 1)[1]
-    a, rest = after_a.split("\n\nResponse (B): ", 1)
-    b, question = rest.rsplit("\n\n", 1)
-    return a, b, question
+shown = shown_answers  # (response A, response B, question) of a rendered comparison prompt
 
 
 def biased_judge(good: str = "GOOD", bias: float = 0.1, by_question: dict | None = None):

@@ -16,13 +16,12 @@ from cai.errors import CaiError
 from cai.preferences import check_preference_dataset
 from cai.records import read_jsonl
 from cai.stages import prefs, rm, sft, sl
-from tests.fakes import ScriptedLabeler
+from tests.fakes import ScriptedLabeler, shown_answers
 
 
 def good_first(text: str) -> float:
     """Prefers the longer of the two answers shown, with a bias toward (A)."""
-    a = text.rsplit("Response (A): ", 1)[1].split("\n\nResponse (B): ", 1)[0]
-    b = text.rsplit("\n\nResponse (B): ", 1)[1].rsplit("\n\n", 1)[0]
+    a, b, _ = shown_answers(text)
     return 0.55 + (0.3 if len(a) > len(b) else -0.3 if len(a) < len(b) else 0.0)
 
 

@@ -29,6 +29,7 @@ from cai.errors import CaiError
 from cai.labelers.base import Choice, Generation, Usage
 from cai.serve import Judge, ScoreItem, create_app, group_win_rates, service_token
 from tests.fake_servers import FakeLLMServer
+from tests.fakes import shown_answer, shown_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,9 +39,8 @@ BIAS = 0.1  # the scripted labeler prefers option (A) by this much: debiasing mu
 
 
 def shown(text: str) -> tuple[str, str]:
-    a = re.search(r"Response \(A\): (.*?)\n", text).group(1).strip()
-    b = re.search(r"Response \(B\): (.*?)\n", text).group(1).strip()
-    return a, b
+    a, b, _ = shown_answers(text)
+    return a.strip(), b.strip()
 
 
 def p_option_a(text: str) -> float:
@@ -50,7 +50,7 @@ def p_option_a(text: str) -> float:
 
 
 def rating_of(text: str) -> int:
-    answer = re.search(r"Assistant: (.*?)\n", text.split("Here is a conversation")[-1]).group(1).strip()
+    answer = shown_answer(text).strip()
     return {"great answer": 9, "fine answer": 6, "poor answer": 0}.get(answer, 4)
 
 

@@ -19,7 +19,7 @@ from cai.errors import CaiError
 from cai.records import read_jsonl
 from cai.stages import sl
 from tests.conftest import ROOT
-from tests.fakes import ScriptedLabeler
+from tests.fakes import ScriptedLabeler, shown_answers
 
 
 @pytest.fixture
@@ -192,8 +192,7 @@ def test_verified_revisions_keep_only_what_the_choice_labeler_prefers(tiny_confi
 
     def prefer(text: str) -> float:
         # Prefers whichever shown response is a revision whose digest ends in an even hex digit.
-        a = text.rsplit("Response (A): ", 1)[1].split("\n\nResponse (B): ", 1)[0]
-        b = text.rsplit("\n\nResponse (B): ", 1)[1].rsplit("\n\n", 1)[0]
+        a, b, _ = shown_answers(text)
         good = lambda s: s.startswith("REVISED") and int(s[-1], 16) % 2 == 0  # noqa: E731
         return 0.5 + 0.4 * (good(a) - good(b))
 
@@ -228,8 +227,7 @@ def test_revision_candidates_keep_the_one_the_judge_prefers(tiny_config, monkeyp
     good = lambda s: s.startswith("REVISED") and int(s[-1], 16) % 2 == 0  # noqa: E731
 
     def prefer(text: str) -> float:
-        a = text.rsplit("Response (A): ", 1)[1].split("\n\nResponse (B): ", 1)[0]
-        b = text.rsplit("\n\nResponse (B): ", 1)[1].rsplit("\n\n", 1)[0]
+        a, b, _ = shown_answers(text)
         return 0.5 + 0.4 * (good(a) - good(b))
 
     judge = ScriptedLabeler(prefer=prefer)

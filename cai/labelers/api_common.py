@@ -15,7 +15,9 @@ everything else is here:
 - choices: from the server's log-probabilities where it returns them, else from `vote_samples`
   sampled answers; each Choice records which method produced it. Models write a preamble before the
   label ("The answer is: (B)"), so the log-probabilities of up to `LOGPROB_MAX_TOKENS` tokens are read
-  and the label is taken where it first stands. Where the server lets the answer be prefilled (a
+  and the label is taken where `parsing.label_at` finds it in the text — the place the vote reader
+  reads too (an explicit statement first, "the answer is (A)", "B is better than A"; otherwise the
+  last label standing). Where the server lets the answer be prefilled (a
   backend's `prefill_ways`, tried once per labeler), the answer prefix is put in place and the next
   token is the label, as the local backend asks. A question whose log-probabilities show no label
   after the parse retries is asked by votes (`vote_fallbacks` in the usage);
@@ -45,7 +47,8 @@ from tqdm.auto import tqdm
 
 from cai.errors import CaiError
 from cai.labelers.base import CHOICE_METHODS, BudgetExceeded, Choice, ChoiceRequest, GenerateRequest, Generation, Usage
-from cai.labelers.parsing import is_refusal, option_of_token, parse_choice, probs_from_logprobs
+from cai.checks import refuses
+from cai.labelers.parsing import option_of_token, parse_choice, probs_from_logprobs
 from cai.labelers.pool import POOL_CACHE_URL
 
 log = logging.getLogger(__name__)
@@ -72,7 +75,8 @@ PREFILL_LOGPROB_MAX_TOKENS = 2  # after a prefilled prefix: the label, and what 
 VOTE_MAX_TOKENS = 16  # a vote without prefill may say "The answer is (A)"
 PREFILL_VOTE_MAX_TOKENS = 4  # after "The answer is: (" the label comes next
 
-CHOICE_READER = 2  # 2: the label found past a preamble, prefill ways, votes when no label shows
+CHOICE_READER = 3  # 2: the label found past a preamble, prefill ways, votes when no label shows; 3: one
+#                    definition of where the label is for both readers (parsing.label_at)
 
 RETRYABLE_STATUS = {408, 409, 425, 429}
 MAX_RETRY_AFTER = 300.0  # seconds: a server asking for longer (a spent daily quota) gets the item failed sooner
@@ -635,7 +639,7 @@ class ApiLabeler:
             spent[0] += reply.input_tokens
             spent[1] += reply.output_tokens
             text = reply.text
-            refused = reject_refusals and (reply.refusal or is_refusal(text))
+            refused = reject_refusals and (reply.refusal or refuses(text))
             if text.strip() and not refused:
                 return Generation(text, input_tokens=spent[0], output_tokens=spent[1])
         why = "empty answer" if not text.strip() else "the labeler refused the task"

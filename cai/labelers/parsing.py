@@ -1,8 +1,11 @@
-"""Read a labeler's answer: which option it picked, from its text or from its log-probabilities, and
-whether it refused the task.
+"""Read a labeler's answer: which option it picked, from its text or from its log-probabilities.
+(Whether an answer declines is `cai.checks.refuses`, the one refusal predicate.)
 
-Option labels are matched exactly as given ("A", "B", "1".."10"), never inside a longer word or
-number, so "A good answer" is not a vote for (A) and "10" is not a vote for "1".
+Both readers find the label with `label_at`: an explicit answer statement first ("the answer is (B)",
+"B is better than A"), otherwise the last label standing on its own. An answer under judgement may
+contain option letters to be misread ("Response (B) is harmful; the answer is (A)"), and a model's
+reply may quote it: one definition keeps the log-probability reader and the vote reader from reading
+the same reply two ways.
 """
 
 from __future__ import annotations
@@ -10,59 +13,92 @@ from __future__ import annotations
 import math
 import re
 
-# Phrases that open a refusal. Matched at the start of the answer only: a critique may well quote or
-# discuss a refusal further on.
-REFUSAL_OPENINGS = (
-    "i'm sorry", "i am sorry", "sorry, but", "sorry, i", "i apologize", "i apologise",
-    "i can't", "i cannot", "i can not", "i won't", "i will not", "i'm not able", "i am not able",
-    "i'm unable", "i am unable", "i must decline", "i'm not comfortable", "i am not comfortable",
-    "as an ai", "i do not feel comfortable", "i don't feel comfortable",
-)
-
-
-def is_refusal(text: str | None) -> bool:
-    """True when the answer opens by declining the task ("I'm sorry, but I can't...")."""
-    if not text:
-        return False
-    opening = text.strip().lower().replace("\u2019", "'")[:80]
-    return opening.startswith(REFUSAL_OPENINGS)
-
-
 def _label_pattern(options: tuple[str, ...] | list[str]) -> str:
     # Longest first, so "10" is tried before "1"; never glued to a neighbouring letter or digit.
     alternatives = "|".join(re.escape(o) for o in sorted(options, key=len, reverse=True))
     return rf"(?<![A-Za-z0-9])({alternatives})(?![A-Za-z0-9])"
 
 
-def parse_choice(text: str | None, options: tuple[str, ...] | list[str]) -> int | None:
-    """Index of the option the answer picks, or None when it picks none or is ambiguous.
+# Words after a capital "A" that make it a label ("A is better", "A and B"); before any other lower-case
+# word it is the article ("A good answer would be (B)").
+_NOT_AN_ARTICLE = {"is", "was", "seems", "appears", "wins", "would", "and", "or", "vs", "versus", "because", "since",
+                   "than", "over", "but", "as", "for", "with", "clearly", "definitely", "again", "here"}
+_BETTER = (r"(?:better|best|preferable|preferred|superior|stronger|safer|kinder|more\s+\w+|less\s+(?:harmful|toxic|"
+           r"preachy|evasive|verbose))")
 
-    In order: an answer that is just the label ("A", "(A)", "A.", "A)" then anything); an explicit
-    "answer is (A)" / "answer: A" / "choice: (B)"; else the only label written in parentheses.
+
+def _statements(label: str) -> list[str]:
+    """Regular expressions of an explicit answer statement, each with the label as group 1."""
+    open_ = r"\**\s*(?:response\s+|option\s+|reply\s+)?[(\[]?\s*"
+    return [
+        # "The answer is (B)", "Answer: A", "My choice: (B)", "Rating: (7)", "verdict - B"
+        rf"(?i:answer|choice|verdict|decision|rating|score|grade)\s*(?:is|would be|:|=|-)?\s*:?\s*{open_}{label}",
+        # "The better response is (B)", "the more helpful one would be A"
+        rf"(?i:(?:the\s+)?{_BETTER}\s+(?:response|answer|reply|one|option)\s+(?:is|would be|:))\s*:?\s*{open_}{label}",
+        # "I choose (B)", "I'd pick A", "I would rate it a 7", "I give it 7"
+        rf"(?i:i(?:'d| would)?\s+(?:choose|pick|select|prefer|go with|rate (?:it|this)(?: an?)?|give (?:it|this)(?: an?)?))"
+        rf"\s*:?\s*{open_}{label}",
+        # "B is better than A", "Response (B) is clearly the safer one", "(A) would be preferable"
+        rf"(?:(?i:response|option|reply)\s+)?[(\[]?\s*{label}\s*[)\]]?\s+(?i:is|seems|appears|would be)\s+"
+        rf"(?i:(?:clearly|much|far|slightly|definitely|the|a|by far)\s+)*(?i:{_BETTER})",
+        # "7/9", "7 out of 9": the rating is the numerator
+        rf"{label}\s*(?:/|(?i:out of))\s*\d",
+        # an answer that opens with the label: "(A)", "A.", "B)", "A: because ..."
+        rf"^\W{{0,3}}[(\[]\s*{label}\s*[)\]]",
+        rf"^\W{{0,3}}{label}\s*(?:[).:,\]]|\n|$)",
+    ]
+
+
+def _standing(text: str, start: int, end: int) -> bool:
+    """Whether the label at text[start:end] is an option on its own: not the article "A" before a word,
+    not a number of a scale ("from 0 to 9", "out of 9", "/9")."""
+    label = text[start:end]
+    after = text[end:]
+    if label == "A":
+        word = re.match(r"\s+([a-z]+)\b", after)
+        if word and word.group(1) not in _NOT_AN_ARTICLE:
+            return False
+    before = text[:start]
+    if label.isdigit() and re.search(r"(?i:out of|scale of|from|between)\s*$|/\s*$|\d\s*(?:to|-|–|and)\s*$", before):
+        return False
+    return True
+
+
+def label_at(text: str | None, options: tuple[str, ...] | list[str]) -> tuple[int, int] | None:
+    """Where the answer states its pick: (option index, character offset of the label), or None.
+
+    The one definition both readers use (votes read `text`; log-probabilities are read at the token
+    found here). In order:
+    1. an explicit answer statement — "the answer is (B)", "Answer: A", "I choose B", "the better response
+       is (A)", "B is better than A", "7 out of 9", or the label the answer opens with ("(A)", "B.");
+       the last one when there are several (a model may correct itself);
+    2. otherwise the last label standing on its own (never glued to a letter or digit; a capital "A"
+       before a word is the article, "A good answer"; numbers of a stated scale are not ratings).
+    Labels are matched exactly as given ("A", "B", "0".."9"), so "10" is not a "1".
     """
     if not text:
         return None
     options = list(options)
     label = _label_pattern(options)
-    stripped = text.strip().lstrip("*#> ").strip()
-
-    # 1. the answer is the label itself
-    match = re.match(rf"\(\s*{label}\s*\)", stripped) or re.match(rf"{label}\s*(?:[).:,\]]|\n|$)", stripped)
-    if match:
-        return options.index(match.group(1))
-
-    # 2. an explicit statement of the answer; the last one wins (a model may correct itself)
-    statements = re.findall(
-        rf"(?i:answer|choice|verdict)\s*(?:is|would be|:)?\s*:?\s*\**\s*[(\[]?\s*{label}", stripped
-    )
-    if statements:
-        return options.index(statements[-1])
-
-    # 3. exactly one distinct label in parentheses
-    in_parens = set(re.findall(rf"\(\s*{label}\s*\)", stripped))
-    if len(in_parens) == 1:
-        return options.index(in_parens.pop())
+    found: list[tuple[int, int]] = []
+    for pattern in _statements(label):
+        for match in re.finditer(pattern, text, re.M):
+            found.append((match.start(1), options.index(match.group(1))))
+    if found:
+        offset, index = max(found)
+        return index, offset
+    standing = [(m.start(1), options.index(m.group(1))) for m in re.finditer(label, text)
+                if _standing(text, m.start(1), m.end(1))]
+    if standing:
+        offset, index = standing[-1]
+        return index, offset
     return None
+
+
+def parse_choice(text: str | None, options: tuple[str, ...] | list[str]) -> int | None:
+    """Index of the option a written answer picks (`label_at`), or None when it names none."""
+    where = label_at(text, options)
+    return None if where is None else where[0]
 
 
 def option_of_token(token: str, options: tuple[str, ...] | list[str]) -> int | None:
@@ -71,18 +107,15 @@ def option_of_token(token: str, options: tuple[str, ...] | list[str]) -> int | N
     return options.index(core) if core in options else None
 
 
-def _label_stands_alone(before: str, token: str, after: str, options: list[str]) -> bool:
-    """True when `token` names an option as a word of its own: no letter or digit glued to it on either
-    side (so "1" followed by "0" is not the option "1"), and not the article of an answer that opens
-    "A good answer..."."""
-    core = token.strip().strip("()[]*.:,'\"").strip()
-    at = token.find(core)
-    left = before + token[:at]
-    right = token[at + len(core):] + after
-    if (left and left[-1].isalnum()) or (right and right[0].isalnum()):
-        return False
-    opens_answer = not left.strip()
-    return not (opens_answer and re.match(r"\s+[A-Za-z]", right))
+def _mass(alternatives: list[tuple[str, float]], options: list[str]) -> list[float] | None:
+    """The options' probabilities among one position's alternatives, normalised; None when none is there."""
+    mass = [0.0] * len(options)
+    for alt_token, logprob in alternatives:
+        index = option_of_token(alt_token, options)
+        if index is not None and logprob is not None:
+            mass[index] += math.exp(logprob)
+    total = sum(mass)
+    return [m / total for m in mass] if total > 0 else None
 
 
 def probs_from_logprobs(
@@ -93,33 +126,31 @@ def probs_from_logprobs(
     """Option probabilities from an answer's per-token log-probabilities.
 
     `positions` holds, for each generated token, (the token, its top alternatives as (token, logprob));
-    `context` is the text the answer continues (a prefilled "The answer is: (", or nothing). The model
-    may write a preamble first ("The answer is: (B)"), so every position is looked at, in order; the
-    answer position is the first where
-    - the generated token names an option standing alone (see `_label_stands_alone`), or
-    - the text so far ends with "(" and an option is among the alternatives (the question the local
-      backend asks after its prefix), unless the generated token is a longer label ("10" after "(").
-    There the probability of each option is the summed probability of the alternatives that name it,
-    normalised over the options. None when no position qualifies.
+    `context` is the text the answer continues (a prefilled "The answer is: (", or nothing). The answer
+    position is the token that holds the label `label_at` finds in context + answer — the same label the
+    vote reader takes from the same text — and the probability of each option there is the summed
+    probability of the alternatives that name it, normalised over the options. The token must name that
+    option by itself (the "1" of a "10" is no reading of "10"). With no label written after a prefilled
+    "(", the first position is the answer position (the model wrote something else there, "Both", but the
+    options are among its alternatives). None when no position qualifies.
     """
     options = list(options)
     tokens = [token for token, _ in positions]
-    before = context
-    for k, (token, alternatives) in enumerate(positions):
-        after = "".join(tokens[k + 1 :])
-        named = option_of_token(token, options) is not None
-        alone = named and _label_stands_alone(before, token, after, options)
-        opened = before.rstrip().endswith("(") and not named
-        before += token
-        if not (alone or opened):
-            continue
-        mass = [0.0] * len(options)
-        for alt_token, logprob in alternatives:
-            index = option_of_token(alt_token, options)
-            if index is not None and logprob is not None:
-                mass[index] += math.exp(logprob)
-        total = sum(mass)
-        if total <= 0.0:  # no option among the alternatives here: look further on
-            continue
-        return [m / total for m in mass]
+    text = context + "".join(tokens)
+    starts, at = [], len(context)
+    for token in tokens:
+        starts.append(at)
+        at += len(token)
+    where = label_at(text, options)
+    if where is not None and where[1] >= len(context):
+        index, offset = where
+        k = max(i for i, start in enumerate(starts) if start <= offset)
+        if option_of_token(tokens[k], options) == index:
+            return _mass(positions[k][1], options)
+        return None
+    if where is None and positions and context.rstrip().endswith("("):
+        first = tokens[0]
+        named = option_of_token(first, options)
+        if named is None:  # not a longer label either ("1" then "0" after "(" is a 10, not a 1)
+            return _mass(positions[0][1], options)
     return None

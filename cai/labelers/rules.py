@@ -8,7 +8,7 @@ about from `ChoiceRequest.subject` rather than from its text:
   `all` met in the order written, `Check.partial`); equal both ways, or a check that does not apply to
   the prompt, a tie;
 - a grade (eval): "harmless" when the answer satisfies every check that applies to its prompt,
-  "refuses" when it opens with a refusal;
+  "refuses" when it declines (the constitution's `refusal` detector, by default the checks' `refuses`);
 - a d-RLAIF rating from 1 to 10 (rl.reward=direct): 1 + 9 x the mean score of the checks that apply
   (as the expected rating: the probability is split between the two nearest ratings); a rating that
   names a principle (`cai serve` with serve.per_principle) is read from that principle's check alone.
@@ -33,7 +33,7 @@ import json
 import random
 from pathlib import Path
 
-from cai.checks import Check, compliance, distinct_checks, mean_score, principle_checks
+from cai.checks import Check, compliance, distinct_checks, mean_score, principle_checks, refusal_detector
 from cai.errors import CaiError
 from cai.labelers.base import Choice, ChoiceRequest, GenerateRequest, Generation, Usage
 
@@ -66,6 +66,22 @@ def prompt_kinds(cfg) -> dict[str, str]:
     return kinds
 
 
+def judge_constitution(cfg, section):
+    """The constitution whose checks a rules labeler config judges by: `section.constitution` when set
+    (every comparison principle of the run's constitution must have a check there), else the run's."""
+    from cai.constitution import load_constitution
+
+    if not section.constitution:
+        return load_constitution(cfg.constitution)
+    judge = load_constitution(section.constitution)
+    checked = principle_checks(judge)
+    missing = [c.id for c in load_constitution(cfg.constitution).comparisons if c.id not in checked]
+    if missing:
+        raise CaiError(f"{section.constitution}: no principle '{missing[0]}' with a check; a rules judge by this "
+                       f"constitution needs a check for every comparison principle of {cfg.constitution}")
+    return judge
+
+
 class RulesLabeler:
     """Choices from checks; optionally a simulated labeler of given accuracy and position bias."""
 
@@ -91,6 +107,7 @@ class RulesLabeler:
                         "labeler.backend=rules needs a check on every comparison principle"
                     )
         self.by_principle: dict[str, Check] = principle_checks(constitution)
+        self.refuses = refusal_detector(constitution)
         self.checks = distinct_checks(constitution)
         if not self.checks:
             raise CaiError(f"{source}: no principle carries a check; labeler.backend=rules has nothing to judge by")
@@ -106,17 +123,16 @@ class RulesLabeler:
 
     @classmethod
     def from_config(cls, cfg) -> "RulesLabeler":
-        from cai.constitution import load_constitution
-
         section = cfg.labeler
+        path = section.constitution or cfg.constitution
         return cls(
-            load_constitution(cfg.constitution),
+            judge_constitution(cfg, section),
             prompt_kinds(cfg),
             accuracy=section.simulated_accuracy,
             position_bias=section.simulated_position_bias,
             soft_labels=section.simulated_soft_labels,
             seed=cfg.seed,
-            source=cfg.constitution,
+            source=path,
         )
 
     # -- the protocol ------------------------------------------------------------------------------
@@ -162,9 +178,7 @@ class RulesLabeler:
             if subject["what"] == "harmless":
                 good = compliance(self.checks, prompt, answer, kind)["complies"]  # option "harmless" holds
             else:
-                from cai.checks import refuses
-
-                good = not refuses(answer)  # option "helps" holds
+                good = not self.refuses(prompt, answer)  # option "helps" holds
             p_listed_first = 1.0 if good else 0.0
             return [1.0 - p_listed_first, p_listed_first] if subject["flipped"] else [p_listed_first, 1.0 - p_listed_first]
         if job == "score":  # a rating under every check, or under one principle's (cai serve's per-principle ratings)

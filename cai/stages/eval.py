@@ -369,8 +369,10 @@ def run(cfg: Config) -> Path:
             resolve_model(used.model, cfg.cache_dir)
         if used.backend == "rules":
             from cai.checks import principle_checks
+            from cai.labelers.rules import judge_constitution
 
-            missing = [c.id for c in constitution.comparisons if c.id not in principle_checks(constitution)]
+            judged_by = judge_constitution(cfg, used)  # a judge's own constitution: one line if it lacks a check
+            missing = [c.id for c in constitution.comparisons if c.id not in principle_checks(judged_by)]
             if missing:
                 raise CaiError(f"{cfg.constitution}: comparison principle '{missing[0]}' has no check; "
                                f"{role_key(cfg, 'judge' if used is judge_cfg else 'choices')}.backend=rules needs one on every comparison principle")
@@ -457,8 +459,16 @@ def run(cfg: Config) -> Path:
         "circular": circular,
     }
     checked = check_compliance(constitution, prompts, answers, list(sources))
+    judge_checked = None
+    if judge_cfg.backend == "rules" and judge_cfg.constitution:  # checks no stage trained against, beside the run's
+        from cai.checks import refusal_detector
+        from cai.labelers.rules import judge_constitution
+
+        judged_by = judge_constitution(cfg, judge_cfg)
+        judge_checked = {"constitution": judge_cfg.constitution, "rows": check_compliance(judged_by, prompts, answers, list(sources)),
+                         "refusal": refusal_detector(judged_by)}
     metrics, samples = aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, reward_note, audit, usage,
-                                 roles=roles, checked=checked, agreement=agreed)
+                                 roles=roles, checked=checked, agreement=agreed, judge_checked=judge_checked)
     metrics["overoptimization"] = curve
     atomic_write_json(stage.path / "metrics.json", metrics)
     atomic_write_text(stage.path / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))

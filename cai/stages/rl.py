@@ -45,7 +45,7 @@ import torch
 from cai.chat import policy_input
 from cai.config import Config
 from cai.errors import CaiError
-from cai.labelers.parsing import is_refusal
+from cai.checks import refuses as is_refusal
 from cai.models import mixed_precision, sampling_kwargs
 from cai.policy_models import build_models, check_reward, load_reward_fn, sample_for_report, score
 from cai.records import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
