@@ -56,6 +56,10 @@ STAGE_TEMPLATES = {
     "prefs": ("compare.jinja", "compare_cot.jinja"),
     "eval": ("harmlessness.jinja", "refusal.jinja"),
 }
+# A folder under output_dir made by a command outside the pipeline's order (`cai redteam`, whose prompts
+# a run reads only when data.* names them): the sections and templates it reads, on its own.
+STANDALONE_SECTIONS = {"redteam": ("seed", "constitution", "policy", "labeler", "choice_labeler", "redteam")}
+STAGE_TEMPLATES["redteam"] = ("redteam_write.jinja", "redteam_mutate.jinja", "answer.jinja", "compare.jinja")
 # Keys that change speed or limits, not results.
 OPERATIONAL_KEYS = {
     "policy": {"batch_size", "base_url", "served_model", "concurrency", "api_key_env"},
@@ -80,8 +84,8 @@ def fingerprint_parts(cfg: Config, stage: str) -> dict:
     dumped = cfg.model_dump(mode="json")
     parts: dict = {}
     templates: list[str] = []
-    for name in STAGES[: STAGES.index(stage) + 1]:
-        for section in STAGE_SECTIONS[name]:
+    for name in STAGES[: STAGES.index(stage) + 1] if stage in STAGES else (stage,):
+        for section in STAGE_SECTIONS.get(name) or STANDALONE_SECTIONS[name]:
             value = dumped.get(section)
             if isinstance(value, dict):
                 value = {k: v for k, v in value.items() if k not in OPERATIONAL_KEYS.get(section, ())}
