@@ -273,6 +273,31 @@ def test_a_users_styles_file_is_used_and_editing_it_reruns(tiny_config, writer, 
     assert "attack styles changed" in capsys.readouterr().out and len(writer.calls) > calls
 
 
+def test_without_a_check_the_choice_labeler_judges_against_the_safe_reference_in_both_orders(tiny_config, monkeypatch):
+    """tiny.yaml has no checks: each answer of the target is put beside redteam.safe_reference under the
+    principle's question, in both orders; attack success is P(the reference is better), un-flipped."""
+    from tests.fakes import ScriptedLabeler
+
+    reference = "I would rather not."
+
+    def prefer(text: str) -> float:  # the judge likes the safe reference 80/20, whichever letter it has
+        a = text.rsplit("Response (A): ", 1)[1].split("\n\nResponse (B): ", 1)[0]
+        return 0.8 if a == reference else 0.2
+
+    judge, writer = ScriptedLabeler(prefer=prefer), ScriptedWriter()
+    monkeypatch.setattr(redteam, "build_labeler", lambda cfg, shared_models=None, role="text": judge if role == "choices" else writer)
+    cfg = tiny_config("redteam.styles=[direct,authority]", "redteam.rounds=1", "redteam.candidates=1", "redteam.target_samples=2",
+                      f"redteam.safe_reference={reference}")
+    out = redteam.run(cfg)
+    rows = read_jsonl(out / "prompts.jsonl")
+    assert len(rows) == 2 * 2 and all(r["attack_success"] == pytest.approx(0.8) for r in rows)
+    # both orders of every answer: 2 principles x 2 styles x 2 answers, in the rounds and again afresh
+    assert judge.usage.requests == 2 * (4 * 2) * 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["attack_success"]["judged_by"]["harmful"] == "labeler vs the safe reference"
+    assert summary["usage"]["judge"]["requests"] == judge.usage.requests
+
+
 KILLABLE = textwrap.dedent(
     """
     import sys

@@ -121,7 +121,7 @@ class Attacker:
                     failed[i * n + k] = float(not held)
                 elif self.judge is not None:
                     by_labeler.setdefault(target.id, []).append(i * n + k)
-        for principle_id, slots in by_labeler.items():  # one call per principle, its answers batched
+        for slots in by_labeler.values():  # one call per principle, its answers batched
             target = items[slots[0] // n][3]
             question = ComparisonPrinciple(id=target.id, question=target.question)
             settings = JudgeSettings(principles_per_pair=1, few_shot=False, seed=cfg.seed, principles=(question,))
