@@ -298,6 +298,17 @@ def test_without_a_check_the_choice_labeler_judges_against_the_safe_reference_in
     assert summary["usage"]["judge"]["requests"] == judge.usage.requests
 
 
+def test_a_chunk_a_kill_cut_is_dropped_and_whole_ones_are_kept(tmp_path):
+    path = tmp_path / "round-1.jsonl"
+    records = [{"id": f"c{i}", "chunk": i // 4} for i in range(6)]  # chunk 0 whole (4), chunk 1 cut (2 of 4)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"id": "c6", "chu')
+    kept = redteam.complete_chunks(path, expected=10, chunk=4)
+    assert [r["id"] for r in kept] == ["c0", "c1", "c2", "c3"] and read_jsonl(path) == kept
+    last = [{"id": f"d{i}", "chunk": i // 4} for i in range(10)]  # the last chunk is short (2) and whole
+    path.write_text("".join(json.dumps(r) + "\n" for r in last))
+    assert len(redteam.complete_chunks(path, expected=10, chunk=4)) == 10
+
+
 KILLABLE = textwrap.dedent(
     """
     import sys
