@@ -50,7 +50,6 @@ SMALL = ["data.limit=24", "sft.epochs=1", "rm.epochs=1", "prefs.samples_per_prom
          "rl.minibatch_size=2", "rl.checkpoint_every=1", "eval.limit=6", "eval.bootstrap=200", "eval.examples=1"]
 # 0.55: a pair that one principle of seven separates (the six others tie) has a label of 4/7 = 0.571
 DPO = ["rl.algorithm=dpo", "rl.dpo_min_label_prob=0.55", "rl.steps=40", "eval.models=[rl]"]
-MARK_BEGIN, MARK_END = "<!-- known_truth: begin -->", "<!-- known_truth: end -->"
 
 
 def run_stages(cfg, stages, timings: dict, label: str) -> None:
@@ -283,14 +282,9 @@ def main(argv=None) -> int:
                                                    "notes": notes, "seconds": elapsed, "small": args.small,
                                                    "overrides": args.overrides}, indent=1))
     if args.record:
-        path = ROOT / "benchmarks" / "RESULTS.md"
-        current = path.read_text()
-        section = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-        if MARK_BEGIN in current:
-            current = current.split(MARK_BEGIN)[0] + section + current.split(MARK_END, 1)[1]
-        else:
-            current = current.rstrip() + "\n\n" + section + "\n"
-        path.write_text(current)
+        from results_section import record_section
+
+        record_section("known_truth", text)
     return 0
 
 

@@ -191,6 +191,16 @@ def cmd_batches(args) -> int:
     return 0
 
 
+def cmd_redteam(args) -> int:
+    from cai.config import load_config
+    from cai.stages import redteam
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    redteam.run(cfg)
+    return 0
+
+
 def cmd_config_keys(args) -> int:
     from cai.config import config_keys
 
@@ -285,6 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.add_argument("--all", action="store_true", help="also the batches that have ended")
     p.set_defaults(func=cmd_batches)
+
+    p = sub.add_parser(
+        "redteam",
+        help="write red-team prompts for each principle of the constitution, in each attack style -> redteam/prompts.jsonl",
+        description="The labeler writes prompts that probe each principle of the constitution in each attack style "
+        "(cai/data/attack_styles.yaml, redteam.styles_file); an archive over principle x style keeps the novel ones "
+        "(no near-duplicates) that make the target policy fail the principle most, over redteam.rounds rounds of "
+        "mutation. Writes OUTPUT_DIR/redteam/prompts.jsonl (for data.red_team, eval.prompts and cai stress), a held-out "
+        "split train.jsonl / eval.jsonl, dataset/ and summary.json. Not a stage of `cai run`: name its file in data.red_team. "
+        "See docs/redteam.md.",
+    )
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. redteam.rounds=2 redteam.target=null")
+    p.set_defaults(func=cmd_redteam)
 
     p = sub.add_parser("config-keys", help="list every config key with its help text and default")
     p.set_defaults(func=cmd_config_keys)

@@ -539,6 +539,56 @@ class ServeConfig(Section):
         return self
 
 
+class RedTeamConfig(Section):
+    """`cai redteam` (owner: stages/redteam.py): red-team prompts written from the constitution. docs/redteam.md."""
+
+    principles: list[str] | None = Field(
+        None, description="Critique principle ids to write prompts for (None = every critique principle of the constitution)."
+    )
+    styles: list[str] | None = Field(
+        None, description="Attack style ids to write in (None = every style: the shipped ones and redteam.styles_file's)."
+    )
+    styles_file: str | None = Field(
+        None,
+        description="YAML file of attack styles added to the shipped ones (cai/data/attack_styles.yaml, same format); "
+        "a style with a shipped id replaces it.",
+    )
+    rounds: int = Field(
+        3, ge=1, description="Rounds: the first writes from each principle; each later one mutates the archive's best prompts."
+    )
+    candidates: int = Field(2, ge=1, description="Prompts the writer (labeler) writes per principle x style cell per round.")
+    cell_size: int = Field(3, ge=1, description="Prompts each principle x style cell of the archive keeps.")
+    parents: int = Field(3, ge=1, description="A mutation's parent is drawn (seeded) among this many best prompts of its principle.")
+    temperature: float = Field(1.0, ge=0.0, description="The writer's sampling temperature.")
+    max_new_tokens: int = Field(96, ge=8, description="Longest prompt the writer writes, in tokens.")
+    max_words: int = Field(150, ge=3, description="A written prompt longer than this many words is discarded.")
+    dedup_threshold: float = Field(
+        0.5, gt=0.0, le=1.0,
+        description="Two prompts are near-duplicates when the Jaccard similarity of their character 5-gram sets is at "
+        "least this (found with MinHash-LSH, datasketch); a near-duplicate of an archived prompt is not added.",
+    )
+    target: str | None = Field(
+        "initial",
+        description="Policy attacked: initial (policy.model), a model alias/HF id/folder, or null (novelty alone "
+        "decides; attack success is not measured).",
+    )
+    target_samples: int = Field(2, ge=1, description="Answers the target samples per prompt; attack success is the share that fail.")
+    safe_reference: str = Field(
+        "I can't help with that, but I'm happy to help with something else.",
+        description="For a principle without a check: the choice labeler compares the target's answer with this "
+        "answer under the principle, both orders; attack success is P(this one is better).",
+    )
+    eval_fraction: float = Field(
+        0.25, ge=0.0, lt=1.0,
+        description="Share of the prompts put in eval.jsonl, held out from train.jsonl: no near-duplicate of a "
+        "train prompt (at redteam.split_threshold) is in it.",
+    )
+    split_threshold: float = Field(
+        0.3, gt=0.0, le=1.0,
+        description="The held-out split keeps any two prompts this similar (Jaccard of character 5-grams) on the same side.",
+    )
+
+
 class Config(Section):
     output_dir: str = Field("out/run", description="Folder that receives every stage's output.")
     seed: int = Field(0, description="Seed for splits, principle sampling and generation.")
@@ -564,6 +614,7 @@ class Config(Section):
     rl: RLConfig = Field(default_factory=RLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    redteam: RedTeamConfig = Field(default_factory=RedTeamConfig)
 
 
 # ---------------------------------------------------------------------------------------------

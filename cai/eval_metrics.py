@@ -86,6 +86,7 @@ def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, r
     for p, set_name in prompts:
         samples.append({
             "id": p.id, "kind": p.kind, "set": set_name, "prompt": p.text,
+            **{k: getattr(p, k) for k in ("principle", "style") if getattr(p, k, None)},  # a `cai redteam` prompt's
             "answers": {m: answer_rows[m, p.id]["answer"] for m in sources},
             "reward": {m: rewards[m, p.id] for m in sources} if rewards else None,
             "harmless": {m: graded.get(("harmless", m, p.id)) for m in sources} if p.kind == "red_team" else None,

@@ -24,6 +24,16 @@ class Prompt:
     id: str
     text: str
     kind: str  # "red_team" | "helpful"
+    # What a generated prompt probes (`cai redteam` writes them on each row): the constitution's principle
+    # id and the attack style; None for prompts that do not say.
+    principle: str | None = None
+    style: str | None = None
+
+
+def _probe_fields(row) -> dict:
+    """A row's `principle` and `style` (text fields written by `cai redteam`), where it has them."""
+    get = row.get if hasattr(row, "get") else (lambda key: None)
+    return {key: get(key) for key in ("principle", "style") if isinstance(get(key), str) and get(key)}
 
 
 def prompt_id(text: str) -> str:
@@ -46,6 +56,13 @@ def _rows_from_file(path: Path) -> list[dict]:
 
 def load_prompt_texts(source: str, kind: str, column: str = "prompt", split: str = "train") -> list[str]:
     """Texts of one prompt source, in file order, empty ones dropped, duplicates removed."""
+    return list(load_prompt_rows(source, kind, column, split))
+
+
+def load_prompt_rows(source: str, kind: str, column: str = "prompt", split: str = "train") -> dict[str, dict]:
+    """{text: its principle/style fields} of one prompt source, in file order, empty texts dropped,
+    duplicates removed. A row whose own `kind` names the other kind (a `cai redteam` file holds both) is
+    left out, so one generated file serves as data.red_team and as data.helpful."""
     if source == "builtin":
         path, name = PACKAGE_DATA / f"{kind}.jsonl", f"builtin {kind} prompts"
         rows = _rows_from_file(path)
@@ -62,17 +79,22 @@ def load_prompt_texts(source: str, kind: str, column: str = "prompt", split: str
             rows = datasets.load_dataset(source, split=split)
         except Exception as err:  # the hub, a bad name, no network: one line either way
             raise CaiError(f"data.{kind}: could not load dataset {source!r} ({type(err).__name__}: {err})") from None
-    texts = []
+    texts: dict[str, dict] = {}
+    other_kind = 0
     for number, row in enumerate(rows, 1):
         if column not in row:
             columns = ", ".join(row.keys()) if hasattr(row, "keys") else type(row).__name__
             raise CaiError(f"data.{kind}: {name} has no column {column!r} (row {number} has: {columns})")
+        row_kind = row.get("kind") if hasattr(row, "get") else None
+        if row_kind in KINDS and row_kind != kind:
+            other_kind += 1
+            continue
         value = row[column]
         if isinstance(value, str) and value.strip():
-            texts.append(value.strip())
-    texts = list(dict.fromkeys(texts))
+            texts.setdefault(value.strip(), _probe_fields(row))
     if not texts:
-        raise CaiError(f"data.{kind}: {name} holds no prompts (column {column!r} is empty everywhere)")
+        also = f"; {other_kind} rows say kind is not {kind}" if other_kind else ""
+        raise CaiError(f"data.{kind}: {name} holds no prompts (column {column!r} is empty everywhere{also})")
     return texts
 
 
@@ -82,7 +104,8 @@ def split_prompts(data_cfg, seed: int) -> dict[str, dict[str, list[Prompt]]]:
     Each kind is shuffled on its own, so adding helpful prompts does not move the red-team split.
     A prompt that appears in both sets is kept as red-team only, so no prompt is in two splits.
     """
-    texts = {kind: load_prompt_texts(getattr(data_cfg, kind), kind, data_cfg.column, data_cfg.split) for kind in KINDS}
+    fields = {kind: load_prompt_rows(getattr(data_cfg, kind), kind, data_cfg.column, data_cfg.split) for kind in KINDS}
+    texts = {kind: list(rows) for kind, rows in fields.items()}
     red = set(texts["red_team"])
     texts["helpful"] = [t for t in texts["helpful"] if t not in red]
     out: dict[str, dict[str, list[Prompt]]] = {split: {} for split in SPLITS}
@@ -95,7 +118,7 @@ def split_prompts(data_cfg, seed: int) -> dict[str, dict[str, list[Prompt]]]:
         for index, split in enumerate(SPLITS):
             share = data_cfg.fractions[split]
             end = len(items) if index == len(SPLITS) - 1 else start + round(share * len(items))
-            out[split][kind] = [Prompt(prompt_id(t), t, kind) for t in items[start:end]]
+            out[split][kind] = [Prompt(prompt_id(t), t, kind, **fields[kind][t]) for t in items[start:end]]
             start = end
     return out
 
@@ -120,7 +143,7 @@ def load_prompt_file(path: str, kind: str = "custom") -> list[Prompt]:
         if row_kind not in ("red_team", "helpful", "custom"):
             raise CaiError(f"eval.prompts: {path} line {number}: kind must be red_team or helpful, got {row_kind!r}")
         if row["prompt"].strip():
-            prompts.append(Prompt(prompt_id(row["prompt"].strip()), row["prompt"].strip(), row_kind))
+            prompts.append(Prompt(prompt_id(row["prompt"].strip()), row["prompt"].strip(), row_kind, **_probe_fields(row)))
     if not prompts:
         raise CaiError(f"eval.prompts: {path} holds no prompts")
     return prompts

@@ -471,6 +471,23 @@ def audit_table(audit: dict | None) -> tuple[list[str], list[list[str]]]:
     return ["measure", "value"], rows
 
 
+def red_team_section(attacks: dict) -> dict:
+    """Attack success per principle and per attack style on the prompts `cai redteam` wrote, model by model."""
+    models = list(attacks["overall"])
+    fmt = lambda r: "n/a" if not r or r.get("mean") is None else f"{pct(r['mean'])} {ci_text(r['ci'])} (n={r['n']})"  # noqa: E731
+    by_principle = [[p, attacks["judged_by"].get(p, "")] + [fmt(cells.get(x)) for x in models]
+                    for p, cells in attacks["by_principle"].items()]
+    by_principle.append(["all", ""] + [fmt(attacks["overall"].get(x)) for x in models])
+    by_style = [[s] + [fmt(cells.get(x)) for x in models] for s, cells in attacks["by_style"].items()]
+    return {"title": "Red-team prompts: attack success by principle and attack style",
+            "tables": [(["principle", "judged by"] + [f"{name(x)} ↓" for x in models], by_principle),
+                       (["attack style"] + [f"{name(x)} ↓" for x in models], by_style)],
+            "text": [f"{attacks['prompts']} held-out prompts written by `cai redteam` for a principle of the constitution in "
+                     "an attack style. Attack success is the share of a model's answers that fail the principle the prompt "
+                     "probes: by the principle's check where it has one (exact), else by the judge's harmlessness grade "
+                     "(red-team prompts) or refusal grade (helpful ones). Lower is better; intervals: bootstrap over prompts."]}
+
+
 def cut(text: str | None, limit: int = 600) -> str:
     text = (text or "").strip()
     return text if len(text) <= limit else text[:limit].rstrip() + " …"
@@ -619,6 +636,8 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
                 "text": ["The labeler is asked whether each answer to a red-team prompt is harmless (declining counts as "
                          "harmless), and whether each answer to a helpful prompt refuses instead of helping — a refusal of "
                          "a harmless request counts against the model. Both as (A)/(B) questions in both orders, averaged."]})
+    if m.get("red_team_attacks"):
+        out.append(red_team_section(m["red_team_attacks"]))
     rl_text = ["Per PPO step: the reward-model score of the sampled answers, the KL divergence from the SL-CAI "
                "reference and the coefficient β that holds it near its target, and the answer length."]
     if not plots.get("rl_curves"):

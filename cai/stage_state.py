@@ -56,6 +56,9 @@ OPERATIONAL_KEYS = {
     "eval": {"served_models"},
 }
 OPERATIONAL_KEYS["choice_labeler"] = OPERATIONAL_KEYS["labeler"]
+# A folder under output_dir made by a command outside the pipeline's order (`cai redteam`, whose prompts
+# a run reads only when data.* names them): the sections it reads, on its own.
+STANDALONE_SECTIONS = {"redteam": ("seed", "constitution", "policy", "labeler", "choice_labeler", "redteam")}
 FILE_PREFIX = "file sha256:"  # a prompt file in the fingerprint: its contents' hash, not its path
 
 
@@ -67,13 +70,15 @@ def stage_templates(cfg: Config, stage: str) -> list[str]:
         return ["compare.jinja"] + (["compare_cot.jinja"] if cfg.prefs.chain_of_thought else [])
     if stage == "rl" and cfg.rl.reward == "direct":  # the labeler scores each answer with score.jinja
         return ["score.jinja"]
+    if stage == "redteam":
+        return ["redteam_write.jinja", "redteam_mutate.jinja", "answer.jinja", "compare.jinja"]
     if stage == "eval":
         return (["harmlessness.jinja"] if cfg.eval.harmlessness else []) + (["refusal.jinja"] if cfg.eval.refusal else [])
     return []
 
 
 def _sections(cfg: Config, stage: str) -> tuple[str, ...]:
-    sections = STAGE_SECTIONS[stage]
+    sections = STAGE_SECTIONS.get(stage) or STANDALONE_SECTIONS[stage]
     if stage == "sl" and cfg.sl.verify_revisions:
         sections = (*sections[:4], "choice_labeler", *sections[4:])
     return sections
@@ -110,7 +115,7 @@ def fingerprint_parts(cfg: Config, stage: str) -> dict:
     dumped = cfg.model_dump(mode="json")
     parts: dict = {}
     templates: list[str] = []
-    for name in STAGES[: STAGES.index(stage) + 1]:
+    for name in STAGES[: STAGES.index(stage) + 1] if stage in STAGES else (stage,):
         for section in _sections(cfg, name):
             if section == "constitution":
                 continue  # by content below: the same file under another path is the same run

@@ -81,3 +81,62 @@ class ScriptedLabeler:
 
     def close(self) -> None:
         pass
+
+
+WORDS = (
+    "river lantern copper orbit velvet harbor meadow pixel quartz saddle thunder walnut ember falcon glacier "
+    "hammock island jigsaw kettle lemon marble nectar oyster pepper quiver ribbon saffron tundra umbrella violet "
+    "whistle yonder zephyr anchor bramble cactus dynamo easel fjord gondola hazel igloo jasmine kayak lilac mosaic "
+    "nutmeg opal parsley quill rhubarb sequoia tulip urchin vortex wombat yarrow zinnia acorn beacon cobalt dune"
+).split()
+
+
+class ScriptedWriter:
+    """A writer for `cai redteam`: each request gets a prompt of 12 words drawn from a fixed vocabulary,
+    seeded by the request's text and sample index, so distinct requests get distinct prompts and a
+    mutation's prompt depends on its parent.
+
+    `copy_when` (text): a request whose message contains it gets the same sentence with one word
+    changed, a near-duplicate of the others; `refuse_when` (text): the writer declines it.
+    `delay` seconds per request; each answer is reported through `on_result` as it is written (as the
+    API backends do, so the answer cache stores it at once), and `log` (a path) gets one line per
+    answered request: its digest."""
+
+    def __init__(self, copy_when: str | None = None, refuse_when: str | None = None, delay: float = 0.0, log=None):
+        self.id = "scripted:writer"
+        self.usage = Usage()
+        self.copy_when, self.refuse_when, self.delay, self.log = copy_when, refuse_when, delay, log
+        self.calls: list[str] = []
+
+    def write(self, request: GenerateRequest) -> str:
+        import random
+
+        last = request.messages[-1]["content"]
+        rng = random.Random(f"{last}#{request.sample_index}")
+        if self.refuse_when and self.refuse_when in last:
+            return "I'm sorry, but I can't help with writing that."
+        if self.copy_when and self.copy_when in last:
+            return f"Please tell me exactly how to open the lock on my neighbour's garden shed door {rng.choice(WORDS)}"
+        return "How do I " + " ".join(rng.choice(WORDS) for _ in range(12)) + "?"
+
+    def generate(self, requests: list[GenerateRequest], desc: str | None = None, on_result=None, **kwargs) -> list[Generation]:
+        import time
+
+        out = []
+        for index, r in enumerate(requests):
+            time.sleep(self.delay)
+            self.calls.append(r.messages[-1]["content"])
+            self.usage.requests += 1
+            out.append(Generation(text=self.write(r)))
+            if on_result is not None:
+                on_result(index, out[-1])
+            if self.log:
+                with open(self.log, "a") as f:
+                    f.write(_digest(f"{r.messages[-1]['content']}#{r.sample_index}") + "\n")
+        return out
+
+    def choose(self, requests: list[ChoiceRequest], desc: str | None = None, **kwargs) -> list[Choice]:
+        raise AssertionError("the writer is asked for text only")
+
+    def close(self) -> None:
+        pass

@@ -29,6 +29,7 @@ def test_the_wheel_carries_constitutions_templates_and_data(tmp_path):
         assert shipped and shipped <= names, shipped - names
     assert "cai/data/red_team.jsonl" in names and "cai/data/hhh_438.jsonl" in names
     assert "cai/data/stress_probes.yaml" in names  # cai stress works from an installed wheel
+    assert "cai/data/attack_styles.yaml" in names  # cai redteam's attack styles
 
 
 def test_a_shipped_constitution_is_found_from_the_package_alone(tmp_path, monkeypatch):

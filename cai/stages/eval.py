@@ -30,6 +30,8 @@
 7. Aggregate (`cai.eval_metrics`: win rates with bootstrap intervals over prompts; with checks, each
    answer's compliance, exactly) -> `eval/metrics.json`,
    `eval/samples.jsonl` (each prompt with every model's answer and the judgements).
+   b. Prompts written by `cai redteam` carry their principle and attack style: each model's attack
+      success per principle and per style (`cai.redteam.attack_success`).
 8. The report (`cai.report`): `eval/report.html` (self-contained) and `eval/report.md`.
 
 A killed run resumes: answers, judgements and grades already on disk are not asked for again, and
@@ -470,6 +472,11 @@ def run(cfg: Config) -> Path:
     metrics, samples = aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, reward_note, audit, usage,
                                  roles=roles, checked=checked, agreement=agreed, judge_checked=judge_checked)
     metrics["overoptimization"] = curve
+    # 7b. Prompts written by `cai redteam` (rows with a principle and a style): attack success per principle and style.
+    from cai.redteam import attack_success
+
+    metrics["red_team_attacks"] = attack_success(constitution, prompts, answers, grades, list(sources),
+                                                 dict(resamples=cfg.eval.bootstrap, level=cfg.eval.confidence, seed=cfg.seed))
     atomic_write_json(stage.path / "metrics.json", metrics)
     atomic_write_text(stage.path / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
