@@ -168,15 +168,16 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1, description="Use at most this many prompts of each kind (after shuffling).")
     fractions: dict[str, float] = Field(
         default_factory=lambda: {"sl": 0.4, "prefs": 0.3, "rl": 0.2, "eval": 0.1},
-        description="Share of prompts for each split (sl, prefs, rl, eval); seeded, disjoint.",
+        description="Share of prompts for each split (sl, prefs, rl, eval; optionally val, a validation split that "
+        "rl.select_by=validation selects snapshots on); seeded, disjoint.",
     )
 
     @field_validator("fractions")
     @classmethod
     def _check_fractions(cls, value: dict[str, float]) -> dict[str, float]:
         expected = {"sl", "prefs", "rl", "eval"}
-        if set(value) != expected:
-            raise ValueError(f"needs exactly the keys {sorted(expected)}, got {sorted(value)}")
+        if set(value) - {"val"} != expected:  # val is optional: without it, splits (and fingerprints) stay as they were
+            raise ValueError(f"needs exactly the keys {sorted(expected)} (and optionally val), got {sorted(value)}")
         if any(v < 0 for v in value.values()) or abs(sum(value.values()) - 1.0) > 1e-6:
             raise ValueError(f"must be non-negative and sum to 1, got {value}")
         return value
@@ -373,6 +374,33 @@ class RLConfig(Section):
         "(bounded for any smoothing); robust is unbiased for that flip rate but weighs each pair by 1/(1 - 2 smoothing).",
     )
     dpo_min_label_prob: float = Field(0.5, ge=0, le=1, description="DPO: drop pairs whose label_prob is below this.")
+
+    # -- rounds of AI feedback; keeping the best snapshot by an independent judge (docs/rl.md) --
+    rounds: int = Field(
+        1, ge=1,
+        description="ppo/dpo: rounds of AI feedback that rl.steps is cut into. Before each round after the first, the "
+        "current policy answers the prefs-split prompts, the choice labeler labels its pairs, and PPO's reward model is "
+        "updated on every label so far (DPO trains on the new pairs); 1 = the prefs stage's labels only.",
+    )
+    round_rm: Literal["continue", "retrain"] = Field(
+        "continue",
+        description="Rounds, PPO: the updated reward model is trained further from the last round's (continue) or "
+        "afresh from sft/ (retrain), on every label so far, with the rm.* settings.",
+    )
+    select_by: Literal["final", "validation"] = Field(
+        "final",
+        description="The policy rl/ keeps: the final one, or the snapshot (rl.keep_snapshots, or each round's end) that "
+        "eval.judge, independent of training, prefers most to the SL-CAI model on the val split (data.fractions.val), "
+        "never the eval split.",
+    )
+
+    @model_validator(mode="after")
+    def _rounds_fit_the_steps(self):
+        if self.rounds > 1 and self.algorithm not in ("ppo", "dpo"):
+            raise ValueError(f"rl.rounds > 1 applies to rl.algorithm ppo or dpo, not {self.algorithm}")
+        if self.rounds > self.steps:
+            raise ValueError(f"rl.rounds ({self.rounds}) cannot exceed rl.steps ({self.steps}): each round takes at least one step")
+        return self
 
 
 class EvalPromptFile(Section):

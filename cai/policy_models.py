@@ -66,11 +66,12 @@ def check_reward(cfg: Config) -> None:
         reward_callable(cfg.rl.reward)
 
 
-def load_reward_fn(cfg: Config, device) -> tuple[RewardFn, Path | None]:
-    """The reward named by `rl.reward`, and the rm/ folder when it is the reward model."""
+def load_reward_fn(cfg: Config, device, rm_dir: Path | None = None) -> tuple[RewardFn, Path | None]:
+    """The reward named by `rl.reward`, and the rm/ folder when it is the reward model (`rm_dir` names
+    another reward-model folder than the rm stage's: a round's update, rl/rounds/round-K/rm)."""
     name = cfg.rl.reward
     if name == "rm":
-        rm_dir = require_done(cfg, "rm", "rl with rl.reward=rm")
+        rm_dir = rm_dir or require_done(cfg, "rm", "rl with rl.reward=rm")
         from cai.rewards import RewardModelScorer
 
         return RewardModelScorer(rm_dir, cfg.cache_dir, device=device), rm_dir

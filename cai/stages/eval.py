@@ -85,7 +85,7 @@ def eval_prompts(cfg: Config) -> list[tuple[Prompt, str]]:
         shared = training_overlap(splits, prompts)
         if shared:
             print(f"[eval] warning: {path}: {len(shared)} of its {len(prompts)} prompts are in the training splits "
-                  f"(sl/prefs/rl), so they are not held out; e.g. {shared[0].text[:60]!r}")
+                  f"(sl/prefs/rl, or val, which selects the RL snapshot), so they are not held out; e.g. {shared[0].text[:60]!r}")
         sets.append((Path(path).name, prompts))
     seen, out = set(), []
     for name, prompts in sets:

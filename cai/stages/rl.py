@@ -30,6 +30,14 @@ One PPO step, on every process:
 10. checkpoint every `rl.checkpoint_every` steps; a killed run resumes from the last checkpoint.
 Then the final policy is saved to `rl/` (merged when LoRA, adapter in `rl/adapter/`) and answers a few
 eval-split prompts for the report (`rl/samples.jsonl`).
+
+Around the steps (cai/rounds.py, cai/selection.py):
+- Rounds of AI feedback (`rl.rounds`): the steps are cut into rounds; before each round after the first,
+  the current policy's answers are labeled by the choice labeler and the reward model is updated on every
+  label so far; PPO goes on from the current policy, optimizer and value model, the KL penalty still to the
+  SL-CAI model. A checkpoint and a snapshot are kept at the end of each round.
+- Keeping the best snapshot (`rl.select_by=validation`): eval.judge scores every snapshot on the val split
+  and the best is copied into `rl/`.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from cai.labelers.parsing import is_refusal
 from cai.models import mixed_precision, sampling_kwargs
 from cai.policy_models import build_models, check_reward, load_reward_fn, sample_for_report, score
 from cai.records import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
+from cai.rounds import check_rounds, ppo_round, round_at, round_bounds, round_ends, summarize_rounds
+from cai.selection import check_selection, select_snapshot, selection_stale
 from cai.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -317,6 +327,10 @@ def run(cfg: Config) -> Path:
     check_reward(cfg)
     check_batch_sizes(cfg)
     check_tracker(cfg.rl.log_with)
+    check_rounds(cfg)
+    if cfg.rl.select_by == "validation" and not cfg.rl.keep_snapshots and cfg.rl.rounds == 1:
+        raise CaiError("rl.select_by=validation chooses among snapshots: set rl.keep_snapshots=true (or rl.rounds > 1)")
+    check_selection(cfg)
     tokenizer = load_tokenizer(str(sft_dir), cfg.cache_dir)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise CaiError(f"{sft_dir}: the tokenizer pads with EOS; PPO needs a pad token distinct from EOS")
@@ -327,18 +341,22 @@ def run(cfg: Config) -> Path:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=mixed_precision(cfg.policy.dtype, default_device()),
-        log_with=None if cfg.rl.log_with == "none" else cfg.rl.log_with,
-        project_dir=str(stage_dir(cfg, "rl")),
-    )
+    settings = dict(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.policy.dtype, default_device()),
+                    project_dir=str(stage_dir(cfg, "rl")))
+    accelerator = Accelerator(**settings, log_with=None if cfg.rl.log_with == "none" else cfg.rl.log_with)
+    if accelerator.num_processes > 1 and cfg.rl.rounds > 1:
+        raise CaiError("rl.rounds > 1 labels and trains the reward model between rounds in one process; "
+                       "run it without accelerate launch (or with --num_processes 1)")
     prompts = rl_prompts(cfg, tokenizer)
 
-    holder: list[Stage | None] = [open_stage(cfg, "rl", uses_labeler=("choices",) if cfg.rl.reward == "direct" else ()) if accelerator.is_main_process else None]
+    labelers = (("choices",) if cfg.rl.reward == "direct" or cfg.rl.rounds > 1 else ()) + (("judge",) if cfg.rl.select_by == "validation" else ())
+    holder: list[Stage | None] = [open_stage(cfg, "rl", uses_labeler=labelers) if accelerator.is_main_process else None]
     accelerator.wait_for_everyone()
     stage = broadcast_object_list(holder)[0]
     if stage.done:
+        if accelerator.is_main_process and selection_stale(cfg, stage.path):  # eval.judge changed since it chose
+            print("[rl] eval.judge changed since the snapshot was chosen: choosing again")
+            select_snapshot(cfg, stage.path)
         return stage.path
 
     # Models, optimizer, KL controller; the reward.
@@ -369,9 +387,17 @@ def run(cfg: Config) -> Path:
 
     global_batch = rl.batch_size * accelerator.num_processes
     history = read_jsonl(metrics_path) if accelerator.is_main_process else []
+    bounds, current_round = round_bounds(rl.steps, rl.rounds), 1
     with JsonlWriter(metrics_path) if accelerator.is_main_process else contextlib.nullcontext() as writer:
         while progress.step < rl.steps:
             step = progress.step
+            if round_at(bounds, step) != current_round:
+                # A round of AI feedback: the current policy's pairs labeled, the reward model updated. Its
+                # training (TRL's trainer) resets accelerate's process-wide state; PPO's is set back after.
+                current_round = round_at(bounds, step)
+                reward_fn = ppo_round(cfg, stage.path, stage.fingerprint, current_round, accelerator.unwrap_model(model).policy,
+                                      tokenizer, lambda folder: load_reward_fn(cfg, accelerator.device, folder)[0])
+                restore_accelerate_state(settings)
             rows = batch_for_step(prompts, step, global_batch, cfg.seed)
             rank = accelerator.process_index
             m = ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokenizer,
@@ -391,10 +417,13 @@ def run(cfg: Config) -> Path:
                     print(f"[rl] warning: step {m['step']}: {warning}")
 
             # 10. Checkpoint; with rl.keep_snapshots, the policy at this step is kept for the eval's
-            # over-optimisation curve (rl/snapshots/step-N).
-            if progress.step % rl.checkpoint_every == 0 and progress.step < rl.steps:
+            # over-optimisation curve (rl/snapshots/step-N). The end of a round is always both: the next
+            # round's feedback resumes from it, and eval scores each round. With rl.select_by=validation the
+            # final policy is both too: it is a candidate, and a kill while choosing resumes there.
+            ends, last = round_ends(bounds), progress.step == rl.steps
+            if (progress.step % rl.checkpoint_every == 0 or progress.step in ends) and not last or last and rl.select_by == "validation":
                 save_checkpoint(accelerator, checkpoints, progress.step)
-                if rl.keep_snapshots and accelerator.is_main_process:
+                if accelerator.is_main_process and (rl.keep_snapshots or progress.step in ends or last):
                     save_snapshot(accelerator.unwrap_model(model).policy, tokenizer, stage.path / "snapshots", progress.step)
 
     # Every rank must hold the same weights: record a checksum per process.
@@ -403,7 +432,7 @@ def run(cfg: Config) -> Path:
     checksums = [float(x) for x in accelerator.gather(torch.tensor([checksum], dtype=torch.float64, device=accelerator.device))]
     summary = None
     if accelerator.is_main_process:
-        summary = save_and_report(cfg, stage, unwrapped.policy, tokenizer, reward_fn, history, kl_ctl, checksums)
+        summary = save_and_report(cfg, stage, unwrapped.policy, tokenizer, reward_fn, history, kl_ctl, checksums, bounds)
     accelerator.wait_for_everyone()  # no process leaves while the main one still saves
     accelerator.end_training()
     if torch.distributed.is_initialized():
@@ -413,11 +442,32 @@ def run(cfg: Config) -> Path:
         torch.distributed.destroy_process_group()
     if summary is None:
         return stage.path
+    kept = ""
+    if rl.select_by == "validation":  # the main process alone, the process group gone
+        selection = select_snapshot(cfg, stage.path)
+        kept = f", kept {selection['kept']}"
+        if selection["step"] != rl.steps:  # rl/ now holds an earlier snapshot: its answers for the report
+            shutil.rmtree(stage.path / "adapter", ignore_errors=True)  # the final policy's (merged, it is in snapshots/)
+            from cai.models import load_causal_lm
+
+            sample_for_report(cfg, load_causal_lm(str(stage.path), cfg.cache_dir, dtype=torch.float32), tokenizer, reward_fn, stage.path)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return stage.finish(f"{rl.steps} PPO steps, reward {summary['reward_first']:+.3f} -> {summary['reward_last']:+.3f}, "
-                        f"KL {summary['kl_trajectory'][-1]:.3f}")
+                        f"KL {summary['kl_trajectory'][-1]:.3f}{kept}")
 
 
-def save_and_report(cfg, stage, policy, tokenizer, reward_fn, history, kl_ctl, checksums) -> dict:
+def restore_accelerate_state(settings: dict) -> None:
+    """Set accelerate's process-wide state back to PPO's after a TRL trainer reset it to its own (its
+    gradient accumulation, or a `sync_gradients` left false, would silently change PPO's steps)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    Accelerator(**settings)
+
+
+def save_and_report(cfg, stage, policy, tokenizer, reward_fn, history, kl_ctl, checksums, bounds) -> dict:
     """Save the final policy (merged when LoRA, the adapter too), sample from it, write metrics.json."""
     if cfg.rl.lora:
         policy.save_pretrained(str(stage.path / "adapter"), selected_adapters=["default"])
@@ -437,8 +487,10 @@ def save_and_report(cfg, stage, policy, tokenizer, reward_fn, history, kl_ctl, c
         "rank_param_checksums": checksums,
         "warnings": sum(len(h["warnings"]) for h in history),
     }
+    if cfg.rl.rounds > 1:
+        summary["rounds"] = summarize_rounds(stage.path, bounds, history)
+        atomic_write_json(stage.path / "rounds.json", summary["rounds"])
     atomic_write_json(stage.path / "metrics.json", summary)
-    shutil.rmtree(stage.path / "checkpoints", ignore_errors=True)
     print("[rl] reward trajectory: " + " ".join(f"{x:+.2f}" for x in summary["reward_trajectory"]))
     print("[rl] KL trajectory:     " + " ".join(f"{x:.2f}" for x in summary["kl_trajectory"]))
     return summary
