@@ -398,6 +398,8 @@ class RLConfig(Section):
     def _rounds_fit_the_steps(self):
         if self.rounds > 1 and self.algorithm not in ("ppo", "dpo"):
             raise ValueError(f"rl.rounds > 1 applies to rl.algorithm ppo or dpo, not {self.algorithm}")
+        if self.select_by == "validation" and self.algorithm not in ("ppo", "dpo"):
+            raise ValueError(f"rl.select_by=validation chooses among the snapshots ppo and dpo keep, not {self.algorithm}'s")
         if self.rounds > self.steps:
             raise ValueError(f"rl.rounds ({self.rounds}) cannot exceed rl.steps ({self.steps}): each round takes at least one step")
         return self

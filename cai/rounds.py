@@ -212,8 +212,10 @@ def ppo_round(cfg, stage_path: Path, stage_fingerprint: str, k: int, model, toke
     return load_reward(reward_model_dir(cfg, stage_path, k))
 
 
-def round_metrics(k: int, records: list[dict], skipped: dict, before: dict | None, rm_metrics: dict | None, labels: int,
+def round_metrics(k: int, records: list[dict], skipped: dict, before: dict | None, rm_metrics: dict | None, labels: int | None,
                   seconds: float, **extra) -> dict:
+    """What round `k`'s feedback found (its pairs, how many the labeler decided, the reward model's accuracy
+    on them before its update, the update's metrics), for rounds/round-K/metrics.json."""
     ok = [r for r in records if r["status"] == "ok"]
     return {
         "round": k,
@@ -223,7 +225,7 @@ def round_metrics(k: int, records: list[dict], skipped: dict, before: dict | Non
         "skipped_pairs": skipped,
         "labels_so_far": labels,
         "rm_accuracy_before_update": before,
-        "rm": None if rm_metrics is None else {k2: rm_metrics.get(k2) for k2 in ("train_pairs", "train_loss", "steps", "held_out", "started_from")},
+        "rm": None if rm_metrics is None else {key: rm_metrics.get(key) for key in ("train_pairs", "train_loss", "steps", "held_out", "started_from")},
         "feedback_seconds": round(seconds, 1),
         **extra,
     }
@@ -243,7 +245,7 @@ def summarize_rounds(stage_path: Path, bounds: list[tuple[int, int]], history: l
         found = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
         usage = json.loads((folder / "labeler_usage.json").read_text())["total"] if (folder / "labeler_usage.json").exists() else {}
         row = {"round": k, "first_step": start + 1, "last_step": end, **{key: found.get(key) for key in (
-            "pairs", "labeled", "decisive", "labels_so_far", "rm_accuracy_before_update", "feedback_seconds", "dpo_pairs")}}
+            "pairs", "labeled", "decisive", "labels_so_far", "rm_accuracy_before_update", "feedback_seconds", "dpo_pairs", "train_loss")}}
         if steps:
             row.update(reward_first=steps[0].get("reward_mean"), reward_last=steps[-1].get("reward_mean"), kl_last=steps[-1].get("kl"),
                        seconds=round(sum(h.get("seconds", 0.0) for h in steps), 1))

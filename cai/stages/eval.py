@@ -273,11 +273,11 @@ def snapshot_sources(cfg: Config) -> dict[str, str]:
 
 
 def curve_snapshots(cfg: Config, constitution) -> dict[str, str]:
-    """The RL snapshots the over-optimisation curve samples: none without rl among eval.models, a
-    finished reward model (the proxy) or a check (the gold)."""
+    """The RL snapshots the over-optimisation curve samples: none without rl among eval.models or a
+    check (the gold). Without a finished reward model (DPO) the proxy is left out."""
     from cai.checks import distinct_checks
 
-    if "rl" not in cfg.eval.models or not is_current(cfg, "rm") or not distinct_checks(constitution):
+    if "rl" not in cfg.eval.models or not distinct_checks(constitution):
         return {}
     return snapshot_sources(cfg)
 
@@ -287,26 +287,32 @@ def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: d
     snapshot and the final policy, against their KL to the SL-CAI reference (Gao et al. 2022).
 
     The snapshots answer the eval prompts like the compared models (their answers are kept in
-    `path`, so a resumed run asks nothing twice). None when there is no snapshot, no reward model or
-    no check to score by.
+    `path`, so a resumed run asks nothing twice). None when there is no snapshot or no check to score
+    by; the proxy is None without a reward model. A snapshot of the final step (rl.rounds,
+    rl.select_by) stands for the final policy, and the snapshot rl/ kept (rl/selection.json) is marked.
     """
     from cai.checks import compliance, distinct_checks
 
     snapshots = curve_snapshots(cfg, constitution)
     checks = distinct_checks(constitution)
-    if not snapshots or not rewards:
+    if not snapshots:
         return None
     write_answers(cfg, templates, snapshots, prompts, path, [], path.with_suffix(".unused"))
     rows = {(r["model"], r["id"]): r for r in read_jsonl(path)}
     from cai.rewards import RewardModelScorer
 
-    scorer = RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir)
+    scorer = RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir) if rewards else None
+    selection = stage_dir(cfg, "rl") / "selection.json"
+    kept = json.loads(selection.read_text())["kept"] if selection.exists() else None
+    models = ["sft", *snapshots] + ([] if kept or f"rl@step-{cfg.rl.steps}" in snapshots else ["rl"])
     points = []
-    for model in ["sft", *snapshots, "rl"]:
+    for model in models:
         mine = [(p, rows[model, p.id] if model in snapshots else answer_rows.get((model, p.id))) for p, _ in prompts]
         if any(r is None for _, r in mine):
             continue
-        if model in snapshots:
+        if scorer is None:
+            proxy = None
+        elif model in snapshots:
             proxy = scorer([p.text for p, _ in mine], [r["answer"] for _, r in mine])
         else:
             proxy = [rewards[model, p.id] for p, _ in mine]
@@ -314,7 +320,8 @@ def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: d
         gold = [float(compliance(checks, p.text, r["answer"], p.kind)["complies"]) for p, r in mine]
         step = 0 if model == "sft" else (cfg.rl.steps if model == "rl" else int(model.split("-")[1]))
         points.append({"model": model, "step": step, "kl": sum(kl) / len(kl) if kl else None,
-                       "proxy": sum(proxy) / len(proxy), "gold": sum(gold) / len(gold), "n": len(mine)})
+                       "proxy": sum(proxy) / len(proxy) if proxy else None, "gold": sum(gold) / len(gold), "n": len(mine),
+                       **({"kept": model == kept} if kept else {})})
     del scorer
     gc.collect()
     return points

@@ -388,16 +388,25 @@ def run(cfg: Config) -> Path:
     global_batch = rl.batch_size * accelerator.num_processes
     history = read_jsonl(metrics_path) if accelerator.is_main_process else []
     bounds, current_round = round_bounds(rl.steps, rl.rounds), 1
+
+    def next_round(k: int):
+        """A round of AI feedback: the current policy's pairs labeled, the reward model updated (done once;
+        a finished round's reward model is read). Its training (TRL's trainer) resets accelerate's
+        process-wide state; PPO's is set back after."""
+        reward = ppo_round(cfg, stage.path, stage.fingerprint, k, accelerator.unwrap_model(model).policy, tokenizer,
+                           lambda folder: load_reward_fn(cfg, accelerator.device, folder)[0])
+        restore_accelerate_state(settings)
+        return reward
+
+    if round_at(bounds, min(progress.step, rl.steps - 1)) > 1:  # resumed in a later round
+        current_round = round_at(bounds, min(progress.step, rl.steps - 1))
+        reward_fn = next_round(current_round)
     with JsonlWriter(metrics_path) if accelerator.is_main_process else contextlib.nullcontext() as writer:
         while progress.step < rl.steps:
             step = progress.step
             if round_at(bounds, step) != current_round:
-                # A round of AI feedback: the current policy's pairs labeled, the reward model updated. Its
-                # training (TRL's trainer) resets accelerate's process-wide state; PPO's is set back after.
                 current_round = round_at(bounds, step)
-                reward_fn = ppo_round(cfg, stage.path, stage.fingerprint, current_round, accelerator.unwrap_model(model).policy,
-                                      tokenizer, lambda folder: load_reward_fn(cfg, accelerator.device, folder)[0])
-                restore_accelerate_state(settings)
+                reward_fn = next_round(current_round)
             rows = batch_for_step(prompts, step, global_batch, cfg.seed)
             rank = accelerator.process_index
             m = ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokenizer,
