@@ -243,11 +243,15 @@ def test_dpo_rounds_train_each_round_on_the_current_policys_pairs(rounds_config,
 
 
 SELECT = ("rl.rounds=1", "rl.keep_snapshots=true", "rl.checkpoint_every=1", "rl.select_by=validation",
-          "data.fractions={sl: 0.3, prefs: 0.3, rl: 0.2, val: 0.1, eval: 0.1}", "eval.judge.backend=local", "eval.principles_per_pair=2")
+          "data.fractions={sl: 0.3, prefs: 0.3, rl: 0.2, val: 0.1, eval: 0.1}", "eval.judge.backend=local", "eval.principles_per_pair=2",
+          "eval.judge.cache=false")
 
 
-def test_the_snapshot_kept_is_the_best_on_the_validation_split_and_the_eval_split_is_never_read(rounds_config, monkeypatch):
-    """The judge likes one snapshot's answers (step 2 of 3) and refuses to look at an eval-split prompt."""
+def test_the_snapshot_kept_is_the_best_on_the_validation_split_and_the_eval_split_is_never_read(rounds_config, monkeypatch, capsys):
+    """The judge likes one snapshot's answers (step 2 of 3) and refuses to look at an eval-split prompt. A
+    kill while it judges resumes without training again; another judge later chooses again, still without."""
+    import cai.selection
+
     cfg = rounds_config(*SELECT, "eval.judge.model=judge-model")
     splits = split_prompts(cfg.data, cfg.seed)
     eval_texts = {p.text for kind in splits["eval"].values() for p in kind}
@@ -256,11 +260,15 @@ def test_the_snapshot_kept_is_the_best_on_the_validation_split_and_the_eval_spli
     favourite: dict[str, set] = {}  # the answers of the snapshot the judge prefers, filled once they exist
 
     class Judge(ScriptedLabeler):
+        dies = False
+
         def choose(self, requests, desc=None):
             for r in requests:
                 if r.subject["prompt"] in eval_texts:
                     raise AssertionError(f"the judge was shown an eval-split prompt: {r.subject['prompt']!r}")
                 assert r.subject["prompt"] in val_texts
+            if self.dies:
+                raise KeyboardInterrupt
             return super().choose(requests, desc)
 
     def prefer(text: str) -> float:
@@ -268,8 +276,7 @@ def test_the_snapshot_kept_is_the_best_on_the_validation_split_and_the_eval_spli
         b = text.rsplit("\n\nResponse (B): ", 1)[1].rsplit("\n\n", 1)[0]
         return 0.5 + 0.4 * ((a in favourite["answers"]) - (b in favourite["answers"]))
 
-    judge = Judge(prefer=prefer)
-    real_write_answers = __import__("cai.selection", fromlist=["write_answers"]).write_answers
+    real_write_answers = cai.selection.write_answers
 
     def write_answers_then_pick(cfg, sources, prompts, path):
         answers = real_write_answers(cfg, sources, prompts, path)
@@ -278,11 +285,19 @@ def test_the_snapshot_kept_is_the_best_on_the_validation_split_and_the_eval_spli
         assert {p.text for p in prompts} == val_texts
         return answers
 
-    import cai.selection
-
+    judges = [Judge(prefer=prefer)]
     monkeypatch.setattr(cai.selection, "write_answers", write_answers_then_pick)
-    monkeypatch.setattr(local.LocalLabeler, "from_config", classmethod(lambda cls, cfg, shared_models=None: judge))
-    out = run_stage("rl", cfg)
+    monkeypatch.setattr(local.LocalLabeler, "from_config", classmethod(lambda cls, cfg, shared_models=None: judges[-1]))
+
+    judges[-1].dies = True  # killed while judging
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("rl", cfg)
+    out = Path(cfg.output_dir) / "rl"
+    assert (out / "checkpoints" / "step-3").exists() and not (out / "DONE").exists()
+    trained = (out / "metrics.jsonl").read_text()
+    judges.append(Judge(prefer=prefer))
+    run_stage("rl", cfg)
+    assert "resumed from step-3: step 3" in capsys.readouterr().out and (out / "metrics.jsonl").read_text() == trained
     selection = json.loads((out / "selection.json").read_text())
     assert [c["step"] for c in selection["candidates"]] == [1, 2, 3]
     assert selection["kept"] == "rl@step-2" and selection["step"] == 2 and selection["final_step"] == 3
@@ -291,9 +306,17 @@ def test_the_snapshot_kept_is_the_best_on_the_validation_split_and_the_eval_spli
     assert all(c["n"] == len(val_texts) and c["ci"][0] <= c["score"] <= c["ci"][1] for c in selection["candidates"])
     kept = (out / "snapshots" / "step-2" / "model.safetensors").read_bytes()
     assert (out / "model.safetensors").read_bytes() == kept and not (out / "checkpoints").exists()
-    assert judge.usage.requests > 0
+    asked = judges[-1].usage.requests
+    assert asked == 3 * len(val_texts) * 2 * 2 - 2 * 2 * sum(  # candidates x prompts x principles x orders, less identical pairs
+        1 for r in read_jsonl(out / "selection" / "judgements.jsonl") if r["status"] == "identical")
     answered = read_jsonl(out / "selection" / "answers.jsonl")
-    assert {r["prompt"] for r in answered} == val_texts
+    assert len(answered) == 4 * len(val_texts) and {r["prompt"] for r in answered} == val_texts  # sampled once
+
+    # Another judge: the stage is finished, so it chooses again (asking the new judge) and trains nothing.
+    judges.append(Judge(prefer=prefer))
+    run_stage("rl", rounds_config(*SELECT, "eval.judge.model=another-judge-model"))
+    assert "choosing again" in capsys.readouterr().out and judges[-1].usage.requests == asked
+    assert (out / "metrics.jsonl").read_text() == trained
 
 
 @pytest.mark.parametrize("overrides, message", [
