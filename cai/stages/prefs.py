@@ -13,6 +13,8 @@
 5. `prefs/dataset/`: TRL's conversational preference format (`prompt`, `chosen`, `rejected`) plus
    `label_prob`, the labeler's probability that `chosen` is better (>= 0.5). Pairs without a label
    (unreadable in every principle) are counted in `summary.json` and left out.
+
+Steps 2-5 are `cai.pairs`, which the rl stage's rounds of AI feedback also run, on the policy's own answers.
 """
 
 from __future__ import annotations
@@ -24,10 +26,7 @@ from cai.config import Config
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.labelers import build_labeler, labeler_config, require_writer
-# form_pairs and to_preference_row are read through this module by older scripts (benchmarks/known_truth.py)
-from cai.pairs import (  # noqa: F401
-    collect_pairs, flip_rate, form_pairs, label_pairs, pending, preference_rows, prefs_prompts, sample_answers, to_preference_row,
-)
+from cai.pairs import collect_pairs, flip_rate, label_pairs, pending, preference_rows, prefs_prompts, sample_answers
 from cai.policy_server import check_policy, close_policy, open_policy
 from cai.preferences import PairItem, comparison_messages, few_shot_turns
 from cai.records import atomic_write_json, read_jsonl, save_dataset
