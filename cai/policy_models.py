@@ -280,7 +280,8 @@ class Constraints:
         for j, name in enumerate(self.names):
             m = float(measured[j])
             logs[f"constraint/{name}"] = None if m != m else m * float(self.sign[j])  # as written: the check's score
-            logs[f"bound/{name}"] = float(self.bounds[j] * self.sign[j])
+            spec = self.specs[j]
+            logs[f"bound/{name}"] = spec.at_least if spec.at_least is not None else spec.at_most
             logs[f"multiplier/{name}"] = float(used[j])
             logs[f"constraint_answers/{name}"] = int(counts[j])
         return mixed, logs
