@@ -69,6 +69,19 @@ def test_every_step_logs_disagreement_principles_and_constraints(rl_config, caps
     samples = read_jsonl(out / "samples.jsonl")
     assert len(samples) == 2 and all(isinstance(s["reward"], float) for s in samples)  # the reward model's score
 
+    # the report plots them: disagreement, each principle's reward, the constraint beside its bound and its multiplier
+    from cai.report import write_report
+
+    (Path(cfg.output_dir) / "eval").mkdir()
+    (Path(cfg.output_dir) / "eval" / "metrics.json").write_text("{}")
+    html_path, md_path = write_report(cfg.output_dir)
+    html = html_path.read_text()
+    assert "<h2>Reward monitors: ensemble disagreement and constraints</h2>" in html
+    assert (html_path.parent / "plots" / "reward_monitors.png").stat().st_size > 1000
+    last = rows[-1]
+    assert f"<td>long_enough</td><td>0.90</td><td>{rows[0]['constraint/long_enough']:.2f}</td>" in html.replace("\n", "")
+    assert f"{last['multiplier/long_enough']:.2f}" in md_path.read_text()
+
 
 def interrupting_reward(prompts: list[str], answers: list[str]) -> list[float]:
     """Length in characters / 10; raises KeyboardInterrupt at its CALLS_BEFORE_KILL-th call (a kill mid-run)."""
@@ -132,3 +145,13 @@ def test_a_constraint_needs_one_source_and_one_bound():
         load_config(None, ["rl.constraints=[{at_least: 0.5}]"])
     with pytest.raises(CaiError, match="give exactly one bound"):
         load_config(None, ["rl.constraints=[{check: full_help, at_least: 0.5, at_most: 0.9}]"])
+
+
+def test_the_shipped_constrained_config_names_what_its_constitution_has():
+    from cai.config import load_config
+    from cai.policy_models import check_reward_reading
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "known_truth_constrained.yaml")
+    check_reward_reading(cfg)  # full_help is a principle of checkable.yaml that carries a check
+    assert cfg.rm.ensemble > 1 and cfg.rm.per_principle and [c.label for c in cfg.rl.constraints] == ["full_help@helpful"]

@@ -320,7 +320,6 @@ def monitor_warnings(cfg: Config, m: dict) -> list[str]:
     if m.get("reward_disagreement_ratio", 0.0) > rl.max_disagreement:
         out.append(f"the reward ensemble's members disagree {m['reward_disagreement_ratio']:.1f}x as much as on the SFT model's "
                    f"answers (> rl.max_disagreement {rl.max_disagreement:g}): the policy is where the reward model has not been")
-    return out
     if rl.unfinished_score is not None and m["ended_frac"] < 0.5:
         # Every cut answer scores the same penalty: with most answers cut, the reward carries little signal.
         out.append(f"only {m['ended_frac']:.0%} of answers ended within {rl.max_new_tokens or cfg.policy.max_new_tokens} "
