@@ -448,6 +448,7 @@ def model_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     add("P(refuses), helpful prompts ↓", "over_refusal", rate_fmt)
     add("refusal phrases, helpful prompts ↓", "refusal_markers", rate_fmt)
     add("reward-model score", "reward", lambda r: "n/a" if not r or r.get("mean") is None else f"{r['mean']:+.2f} {ci_text(r['ci'], False)}")
+    add("reward-model members' disagreement (std) ↓", "reward_disagreement", lambda v: "n/a" if v is None else f"{v:.3f}")
     add("log p − log p(SL-CAI) of its top-p answers (nats, ≈ KL)", "kl_to_sft", lambda r: "n/a" if not r or r.get("mean") is None else f"{r['mean']:.2f}")
     add("answer length (tokens)", "answer_tokens", lambda r: "n/a" if not r or r.get("mean") is None else f"{r['mean']:.1f}")
     add("repeated word 3-grams", "repetition", lambda v: pct(v, 1))

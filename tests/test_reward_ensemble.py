@@ -18,6 +18,7 @@ from cai.errors import CaiError
 from cai.records import read_jsonl
 from cai.rewards import RewardModelScorer
 from cai.stages import rm
+from tests.test_eval_report import models, scripted  # noqa: F401 - fixtures
 from tests.test_prefs_rm_stages import copy_run, prefs_run, sft_run  # noqa: F401 - module fixtures
 
 
@@ -220,3 +221,27 @@ def test_principle_rewards_are_weighted_and_a_principle_counts_only_where_its_ch
     expected = (0.25 * raw[:, :, 0] + 2.0 * applies[:, None] * raw[:, :, 1]).mean(dim=1)
     assert scored.reward.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
     assert torch.allclose(scored.principles, raw.mean(dim=1), atol=1e-5)
+
+
+def test_eval_reports_the_ensembles_disagreement_on_each_models_answers(tmp_path, models, scripted):
+    """With an ensemble reward model, eval measures how much its members disagree on each compared model's
+    held-out answers, and the report's model table shows it."""
+    from cai.records import mark_done
+    from cai.stages import eval as eval_stage
+    from cai.stages import stage_fingerprint
+    from tests.test_eval_report import hand_made_run
+
+    cfg = hand_made_run(tmp_path, models, "rm.ensemble=3", rm=True)
+    folder = Path(cfg.output_dir) / "rm"
+    torch.manual_seed(0)
+    rows = torch.randn(3, hidden_size(models["initial"]))
+    hand_built_reward_model(folder, models["initial"], rows, members=3, principles=None)
+    mark_done(folder, stage_fingerprint(cfg, "rm"))
+    out = eval_stage.run(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["reward_disagreement"]) == {"initial", "sft", "rl"}
+    scorer = RewardModelScorer(folder, cfg.cache_dir)
+    answers = [r for r in read_jsonl(out / "answers.jsonl") if r["model"] == "rl"]
+    spread = scorer.outputs([r["prompt"] for r in answers], [r["answer"] for r in answers])[:, :, 0].std(dim=1, unbiased=False)
+    assert metrics["reward_disagreement"]["rl"] == pytest.approx(float(spread.mean()), rel=1e-4)
+    assert "reward-model members&#x27; disagreement (std)" in (out / "report.html").read_text()
