@@ -196,6 +196,65 @@ def plot_rl_curves(rows: list[dict]) -> bytes | None:
     return _png(fig)
 
 
+def reward_monitor_names(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """(the constraints, the principles) that rl/metrics.jsonl logs per step."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return ([k.split("/", 1)[1] for k in keys if k.startswith("multiplier/")],
+            [k.split("/", 1)[1] for k in keys if k.startswith("principle_reward/")])
+
+
+def plot_reward_monitors(rows: list[dict]) -> bytes | None:
+    """Per PPO step: the ensemble members' disagreement, each principle's reward, and each constraint as
+    measured beside its bound, with its Lagrange multiplier. None when the run logged none of them."""
+    constraints, principles = reward_monitor_names(rows)
+    has_disagreement = any(r.get("reward_disagreement") is not None for r in rows)
+    panels = int(has_disagreement) + int(bool(principles)) + len(constraints)
+    if not panels:
+        return None
+    plt = _pyplot()
+    steps = [r.get("step", i + 1) for i, r in enumerate(rows)]
+    get = lambda key: [math.nan if r.get(key) is None else r[key] for r in rows]  # noqa: E731
+    fig, axes = plt.subplots(1, panels, figsize=(3.8 * panels, 3.1), squeeze=False)
+    axes = list(axes[0])
+    if has_disagreement:
+        ax = axes.pop(0)
+        ax.plot(steps, get("reward_disagreement"), color="#b23a48", marker="o", ms=3)
+        ax.set(title="ensemble disagreement (members' std)", xlabel="step")
+    if principles:
+        ax = axes.pop(0)
+        for principle in principles:
+            ax.plot(steps, get(f"principle_reward/{principle}"), marker="o", ms=2, label=principle)
+        ax.set(title="each principle's reward", xlabel="step")
+        ax.legend(fontsize=7, loc="best")
+    for name in constraints:
+        ax = axes.pop(0)
+        ax.plot(steps, get(f"constraint/{name}"), color="#1f4e79", marker="o", ms=3, label="measured")
+        ax.plot(steps, get(f"bound/{name}"), color="#1f4e79", ls="--", label="bound")
+        ax.set(title=f"constraint {name}", xlabel="step")
+        twin = ax.twinx()
+        twin.plot(steps, get(f"multiplier/{name}"), color="#2a9d8f", ls=":", marker=".", label="multiplier λ")
+        twin.set_ylabel("λ", color="#2a9d8f", rotation=0)
+        twin.grid(False)
+        lines = ax.get_lines() + twin.get_lines()
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="best")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def reward_monitor_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Each constraint: its bound, its measure at the first and last step, its multiplier's peak and last value."""
+    constraints, _ = reward_monitor_names(rows)
+    out = []
+    for name in constraints:
+        measured = [r.get(f"constraint/{name}") for r in rows if r.get(f"constraint/{name}") is not None]
+        lam = [r[f"multiplier/{name}"] for r in rows if f"multiplier/{name}" in r]
+        bound = next((r[f"bound/{name}"] for r in rows if f"bound/{name}" in r), None)
+        show = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+        out.append([name, show(bound), show(measured[0] if measured else None), show(measured[-1] if measured else None),
+                    show(max(lam) if lam else None), show(lam[-1] if lam else None)])
+    return ["constraint", "bound", "measured, first step", "measured, last step", "multiplier, peak", "multiplier, last"], out
+
+
 def plot_win_rates(metrics: dict) -> bytes | None:
     """Win rate with its interval, overall and per comparison principle, one panel per model pair."""
     wins = metrics.get("win_rates") or {}
@@ -398,6 +457,7 @@ def model_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     add("P(refuses), helpful prompts ↓", "over_refusal", rate_fmt)
     add("refusal phrases, helpful prompts ↓", "refusal_markers", rate_fmt)
     add("reward-model score", "reward", lambda r: "n/a" if not r or r.get("mean") is None else f"{r['mean']:+.2f} {ci_text(r['ci'], False)}")
+    add("reward-model members' disagreement (std) ↓", "reward_disagreement", lambda v: "n/a" if v is None else f"{v:.3f}")
     add("log p − log p(SL-CAI) of its top-p answers (nats, ≈ KL)", "kl_to_sft", lambda r: "n/a" if not r or r.get("mean") is None else f"{r['mean']:.2f}")
     add("answer length (tokens)", "answer_tokens", lambda r: "n/a" if not r or r.get("mean") is None else f"{r['mean']:.1f}")
     add("repeated word 3-grams", "repetition", lambda v: pct(v, 1))
@@ -601,6 +661,15 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
         rl_text = [f"No RL training curves: {data['run_dir'] / 'rl' / 'metrics.jsonl'} is missing or has no reward "
                    f"(rl.algorithm={(data['config'].get('rl') or {}).get('algorithm', 'unknown')} logs elsewhere)."]
     out.append({"title": "RL training", "plot": "rl_curves", "text": rl_text})
+    if plots.get("reward_monitors"):
+        monitors = ["Per PPO step, what the reward's parts did. The ensemble members' disagreement (the spread of their "
+                    "scores of the same answers) is a hacking monitor: it grows where the policy's answers leave the "
+                    "ground the reward model was trained on, which a single reward model cannot see. Each constraint "
+                    "(rl.constraints) is measured on the step's answers beside its bound; its Lagrange multiplier rises "
+                    "while the bound is violated, weighting the constraint into the reward, and falls back once it holds."]
+        table = reward_monitor_table(data["rl_rows"])
+        out.append({"title": "Reward monitors: ensemble disagreement and constraints", "plot": "reward_monitors",
+                    "text": monitors, "tables": [table] if table[1] else []})
     reward_text = ["The reward model's scores of each model's answers to the held-out prompts: the distribution before "
                    "(initial, SL-CAI) and after RL. A shift to the right is what RL optimised; check it against the "
                    "labeler's win rates above, which the policy was not trained on."]
@@ -746,6 +815,7 @@ def make_plots(data: dict) -> dict[str, bytes | None]:
         "win_rates": plot_win_rates(m),
         "harm_refusal": plot_harm_refusal(m),
         "rl_curves": plot_rl_curves(data["rl_rows"]),
+        "reward_monitors": plot_reward_monitors(data["rl_rows"]),
         "rewards": plot_rewards(data["samples"]),
         "audit": plot_audit(m.get("labeler_audit"), data["audit_items"]),
         "compliance": plot_compliance(m),

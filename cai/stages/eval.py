@@ -12,7 +12,8 @@
    served name (`eval.served_models`), and only scored here: the log-probabilities come from a
    forward pass in this process, as OpenAI-compatible servers do not all score a given text. A model
    whose weights are not here (a hub model served remotely) gets a null `logp`, and its KL is n/a.
-3. Reward-model scores of every answer (skipped, and said so, when `rm/` is missing).
+3. Reward-model scores of every answer (skipped, and said so, when `rm/` is missing); with an ensemble
+   reward model (`rm.ensemble`), its members' disagreement on each model's answers, a hacking monitor.
    b. The over-optimisation curve (Gao et al. 2022): each policy snapshot the RL stage kept
       (`rl.keep_snapshots`, every `rl.checkpoint_every` steps) answers the eval prompts too; the proxy
       (reward-model score) and the gold (the checks' compliance) of each against its KL to the SL-CAI
@@ -402,8 +403,8 @@ def run(cfg: Config) -> Path:
     answer_rows = {(r["model"], r["id"]): r for r in read_jsonl(answers_path)}
     answers = {key: r["answer"] for key, r in answer_rows.items()}
 
-    # 3. Reward-model scores.
-    rewards, reward_note = None, None
+    # 3. Reward-model scores (and, for an ensemble, its members' disagreement on each model's answers).
+    rewards, reward_note, disagreement = None, None, {}
     if is_current(cfg, "rm"):
         from cai.rewards import RewardModelScorer
 
@@ -412,6 +413,9 @@ def run(cfg: Config) -> Path:
         for m in sources:
             scores = scorer([p.text for p, _ in prompts], [answers[m, p.id] for p, _ in prompts])
             rewards.update({(m, p.id): s for (p, _), s in zip(prompts, scores)})
+            if scorer.members > 1:  # an ensemble: how much its members disagree on this model's answers
+                spread = scorer.disagreement([p.text for p, _ in prompts], [answers[m, p.id] for p, _ in prompts])
+                disagreement[m] = sum(spread) / len(spread)
         del scorer
         gc.collect()
     else:
@@ -467,6 +471,8 @@ def run(cfg: Config) -> Path:
     metrics, samples = aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, reward_note, audit, usage,
                                  roles=roles, checked=checked, agreement=agreed)
     metrics["overoptimization"] = curve
+    if disagreement:
+        metrics["reward_disagreement"] = disagreement
     atomic_write_json(stage.path / "metrics.json", metrics)
     atomic_write_text(stage.path / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
