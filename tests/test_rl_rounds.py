@@ -238,6 +238,26 @@ def test_dpo_rounds_train_each_round_on_the_current_policys_pairs(rounds_config,
     assert redraw(cfg, out / "snapshots" / "step-2", 2, samples, tmp_path) == [s["answers"] for s in samples]
 
 
+def test_a_dpo_round_with_no_pair_above_the_threshold_is_not_trained_and_the_next_one_is(rounds_config, labeler):
+    """The prefs stage's labels (0.8) are all below rl.dpo_min_label_prob=0.85: round 1 keeps the SL-CAI
+    model as it is (with rl.rounds=1 that is an error); round 2's labels (0.95) train it."""
+    from transformers import AutoModelForCausalLM
+
+    labeler.current = ScriptedLabeler(prefer=lambda text: 0.5 + 1.5 * (longer_first(text) - 0.5))
+    cfg = rounds_config("rl.algorithm=dpo", "rl.steps=2", "rl.rounds=2", "rl.batch_size=2", "rl.learning_rate=1e-2",
+                        "rl.dpo_min_label_prob=0.85")
+    with pytest.raises(CaiError, match="no preference pair has label_prob >= rl.dpo_min_label_prob"):
+        run_stage("rl", cfg.model_copy(update={"rl": cfg.rl.model_copy(update={"rounds": 1})}))
+    out = run_stage("rl", cfg)
+    rounds = json.loads((out / "rounds.json").read_text())
+    assert [(r["dpo_pairs"], r["train_loss"] is None) for r in rounds] == [(0, True), (rounds[1]["dpo_pairs"], False)]
+    assert rounds[1]["dpo_pairs"] > 0
+    sft = AutoModelForCausalLM.from_pretrained(Path(cfg.output_dir) / "sft").state_dict()
+    first = AutoModelForCausalLM.from_pretrained(out / "snapshots" / "step-1").state_dict()
+    final = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.equal(first[k], sft[k]) for k in sft) and any(not torch.equal(final[k], sft[k]) for k in sft)
+
+
 # --------------------------------------------------------------------------------------------------
 # Keeping the best snapshot by an independent judge
 

@@ -65,7 +65,7 @@ def dpo_dataset(cfg: Config):
 
 def dpo_pairs(cfg: Config, dataset):
     """(the pairs DPO trains on, label smoothing): `dataset` oriented so that chosen is the preferred
-    answer, pairs below rl.dpo_min_label_prob dropped."""
+    answer, pairs below rl.dpo_min_label_prob dropped; (None, None) when none is left."""
     if "label_prob" not in dataset.column_names:
         dataset = dataset.add_column("label_prob", [1.0] * len(dataset))
 
@@ -76,7 +76,7 @@ def dpo_pairs(cfg: Config, dataset):
 
     dataset = dataset.map(orient).filter(lambda row: row["label_prob"] >= cfg.rl.dpo_min_label_prob)
     if len(dataset) == 0:
-        raise CaiError(f"no preference pair has label_prob >= rl.dpo_min_label_prob ({cfg.rl.dpo_min_label_prob})")
+        return None, None
     smoothing = cfg.rl.dpo_label_smoothing
     if smoothing is None:
         smoothing = min(max(1.0 - sum(dataset["label_prob"]) / len(dataset), 0.0), 0.49)
@@ -143,6 +143,8 @@ def run(cfg: Config) -> Path:
     # 1. Data.
     if rl.algorithm == "dpo":
         dataset, smoothing = dpo_dataset(cfg)
+        if dataset is None and rl.rounds == 1:  # with rounds, the next round's pairs may separate
+            raise CaiError(f"no preference pair has label_prob >= rl.dpo_min_label_prob ({rl.dpo_min_label_prob})")
     else:
         dataset = prompt_dataset(cfg)
     labelers = (("choices",) if cfg.rl.reward == "direct" or rl.rounds > 1 else ()) + (("judge",) if rl.select_by == "validation" else ())
@@ -268,10 +270,7 @@ def dpo_rounds(cfg: Config, stage, sft_dir: Path, tokenizer) -> Path:
             print(f"[rl] round {k}: the policy's own answers, labeled by the choice labeler")
             records, skipped = label_policy(cfg, k, folder, model, tokenizer, load_constitution(cfg.constitution))
             rows = preference_rows(records, Templates(cfg.templates), cfg.policy.system_prompt)
-            try:
-                dataset, smoothing = dpo_pairs(cfg, datasets.Dataset.from_list(rows)) if rows else (None, None)
-            except CaiError:
-                dataset, smoothing = None, None
+            dataset, smoothing = dpo_pairs(cfg, datasets.Dataset.from_list(rows)) if rows else (None, None)
         trained = {"dpo_pairs": 0, "train_loss": None, "steps": 0}
         if dataset is None:  # nothing to learn from: the policy goes on to the next round as it is
             print(f"[rl] round {k}: no pair with label_prob >= rl.dpo_min_label_prob ({rl.dpo_min_label_prob}); not trained")
