@@ -728,7 +728,8 @@ def rounds_and_selection_sections(data: dict) -> list[dict]:
             used = r.get("labeler") or {}
             rows.append([str(r["round"]), f"{r['first_step']}-{r['last_step']}",
                          "prefs stage" if r["round"] == 1 else f"{r.get('labeled') or 0} ({r.get('decisive') or 0} decisive)",
-                         "—" if r["round"] == 1 else (f"{pct(before.get('accuracy'))} of {before.get('pairs')}" if before else "n/a"),
+                         "—" if r["round"] == 1 else (f"{pct(before.get('accuracy'))} {ci_text(before.get('ci'))} of {before.get('pairs')}"
+                                                      if before else "n/a"),
                          f"{num(r.get('reward_first'), '+.2f')} → {num(r.get('reward_last'), '+.2f')}" if "reward_last" in r else num(r.get("train_loss"), ".3f"),
                          num(r.get("kl_last"), ".2f"), num(end.get("kl"), ".2f"), num(end.get("proxy"), "+.2f"),
                          pct(end.get("gold")) if end else "n/a",

@@ -153,15 +153,18 @@ def labels_so_far(stage_path: Path, prefs_dir: Path, k: int) -> list[dict]:
 
 def reward_accuracy(reward_fn, records: list[dict]) -> dict:
     """How often `reward_fn` (prompts, answers) -> scores ranks a labeled pair's answers as the label does,
-    over the pairs whose label picks a side (a tie of the scores counts half). {"pairs", "accuracy"}."""
+    over the pairs whose label picks a side (a tie of the scores counts half). {"pairs", "accuracy", "ci"}:
+    the interval is a bootstrap over the pairs."""
+    from cai.winrates import bootstrap_ci
+
     decisive = [r for r in records if r["status"] == "ok" and r["label_prob"] != 0.5]
     if not decisive:
-        return {"pairs": 0, "accuracy": None}
+        return {"pairs": 0, "accuracy": None, "ci": None}
     prompts = [r["prompt"] for r in decisive]
     first = reward_fn(prompts, [r["answers"][0] for r in decisive])
     second = reward_fn(prompts, [r["answers"][1] for r in decisive])
     right = [1.0 if (a - b) * (r["label_prob"] - 0.5) > 0 else 0.5 if a == b else 0.0 for r, a, b in zip(decisive, first, second)]
-    return {"pairs": len(right), "accuracy": sum(right) / len(right)}
+    return {"pairs": len(right), "accuracy": sum(right) / len(right), "ci": bootstrap_ci(right)}
 
 
 def reward_model_dir(cfg, stage_path: Path, k: int) -> Path:

@@ -119,6 +119,24 @@ def redraw(cfg, source: Path, k: int, samples: list[dict], tmp_path: Path) -> li
     return [again[s["id"]]["answers"] for s in samples]
 
 
+def test_reward_accuracy_counts_the_pairs_whose_label_picks_a_side():
+    from cai.rounds import reward_accuracy
+
+    def record(first, second, label, status="ok"):
+        return {"prompt": "p", "answers": [first, second], "label_prob": label, "status": status}
+
+    length = lambda prompts, answers: [float(len(a)) for a in answers]  # noqa: E731
+    records = [record("long answer", "no", 0.8),  # right
+               record("long answer", "no", 0.3),  # wrong
+               record("same", "size", 0.9),  # a tie of the scores: half
+               record("long answer", "no", 0.5),  # the label picks no side: left out
+               record("long answer", "no", None, status="unparseable")]  # no label: left out
+    out = reward_accuracy(length, records)
+    assert out["pairs"] == 3 and out["accuracy"] == pytest.approx(1.5 / 3)
+    assert out["ci"][0] <= out["accuracy"] <= out["ci"][1]
+    assert reward_accuracy(length, records[3:]) == {"pairs": 0, "accuracy": None, "ci": None}
+
+
 def test_each_round_labels_only_the_current_policys_pairs_and_the_reward_model_grows_by_them(rounds_config, labeler, tmp_path,
                                                                                             monkeypatch):
     from accelerate import Accelerator
