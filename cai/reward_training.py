@@ -402,6 +402,7 @@ def train_reward_model(
     tokenizer = load_tokenizer(str(start_from), cfg.cache_dir)
     if several and layout["share"] == "lora":
         trained, result, adapter_dirs = _train_lora_members(cfg, train, start_from, checkpoints, tokenizer, layout, continuing)
+        trainer = None
     else:
         trained, result, trainer = _train_heads(cfg, train, start_from, checkpoints, tokenizer, n_outputs, layout["members"])
 
@@ -416,7 +417,7 @@ def train_reward_model(
 
     # Held-out metrics; the model, tokenizer and offsets to out_dir.
     metrics = {
-        "train_pairs": len(train),
+        "train_pairs": len(trainer.train_dataset) if trainer is not None else len(train),  # less pairs over rm.max_length
         "train_loss": result.training_loss,
         "steps": result.global_step,
         "loss": "hard Bradley-Terry" if cfg.rm.hard_labels else "soft-label cross-entropy",
