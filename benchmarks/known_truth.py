@@ -108,7 +108,7 @@ def write_relabeled_dataset(run_dir: Path, rows: list[dict], key: str, cfg) -> N
     """prefs/records.jsonl and prefs/dataset/ of a copied run, with the simulated labels."""
     import datasets
 
-    from cai.stages.prefs import to_preference_row
+    from cai.pairs import to_preference_row
 
     labeled = [{**r, "label_prob": r[key]} for r in rows]
     atomic_write_text(run_dir / "prefs" / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in labeled))

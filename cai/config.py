@@ -173,15 +173,16 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1, description="Use at most this many prompts of each kind (after shuffling).")
     fractions: dict[str, float] = Field(
         default_factory=lambda: {"sl": 0.4, "prefs": 0.3, "rl": 0.2, "eval": 0.1},
-        description="Share of prompts for each split (sl, prefs, rl, eval); seeded, disjoint.",
+        description="Share of prompts for each split (sl, prefs, rl, eval; optionally val, a validation split that "
+        "rl.select_by=validation selects snapshots on); seeded, disjoint.",
     )
 
     @field_validator("fractions")
     @classmethod
     def _check_fractions(cls, value: dict[str, float]) -> dict[str, float]:
         expected = {"sl", "prefs", "rl", "eval"}
-        if set(value) != expected:
-            raise ValueError(f"needs exactly the keys {sorted(expected)}, got {sorted(value)}")
+        if set(value) - {"val"} != expected:  # val is optional: without it, splits (and fingerprints) stay as they were
+            raise ValueError(f"needs exactly the keys {sorted(expected)} (and optionally val), got {sorted(value)}")
         if any(v < 0 for v in value.values()) or abs(sum(value.values()) - 1.0) > 1e-6:
             raise ValueError(f"must be non-negative and sum to 1, got {value}")
         return value
@@ -298,6 +299,57 @@ class RMConfig(Section):
     logging_steps: int = Field(5, ge=1, description="Log the training loss every this many steps.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every this many steps (a killed run resumes there).")
     report_to: str = Field("none", description="Tracker for TRL's trainer: none, tensorboard, wandb...")
+    # -- reward uncertainty and per-principle rewards (docs/rl.md#reward-uncertainty-principles-and-constraints) --
+    ensemble: int = Field(
+        1, ge=1, description="Members of the reward-model ensemble (k); their spread is the reward's uncertainty "
+        "(rl.ensemble_reward combines them, rl/metrics.jsonl logs their disagreement).",
+    )
+    ensemble_share: Literal["heads", "lora"] = Field(
+        "heads", description="What the members share: heads = k score heads on one backbone, trained together (one "
+        "model's cost); lora = k LoRA adapters, each with its head, on one frozen SFT base (k trainings, k passes to score).",
+    )
+    ensemble_bootstrap: bool = Field(
+        True, description="Each member trains on its own bootstrap resample of the pairs (seeded Poisson(1) weights per pair).",
+    )
+    per_principle: bool = Field(
+        False, description="One reward output per comparison principle, each trained on that principle's labels (both "
+        "orders averaged, from prefs/records.jsonl); a principle not asked of a pair is masked there.",
+    )
+
+
+class ConstraintConfig(Section):
+    """One entry of `rl.constraints`: a quantity PPO must keep on the right side of a bound."""
+
+    check: str | dict | None = Field(
+        None, description="The check that measures it: the id of a constitution principle that carries one, or a check "
+        "written out ({when: ..., expect: ...}, cai/checks.py); its score in [0, 1] per answer.",
+    )
+    principle: str | None = Field(
+        None, description="Or: the reward model's output for this comparison principle (rm.per_principle), normalised.",
+    )
+    at_least: float | None = Field(None, description="The bound: the batch mean must be at least this ...")
+    at_most: float | None = Field(None, description="... or at most this.")
+    kind: Literal["red_team", "helpful", "custom"] | None = Field(
+        None, description="Measure it on answers to prompts of this kind only (a check's own `when` applies too).",
+    )
+    lr: float = Field(1.0, gt=0, description="Step size of its Lagrange multiplier per batch.")
+    multiplier: float = Field(0.0, ge=0, description="The multiplier's starting value.")
+    name: str | None = Field(None, description="Its name in logs and the report (default: the check or principle id).")
+
+    @model_validator(mode="after")
+    def _one_source_one_bound(self):
+        if (self.check is None) == (self.principle is None):
+            raise ValueError("name exactly one of check or principle")
+        if (self.at_least is None) == (self.at_most is None):
+            raise ValueError("give exactly one bound: at_least or at_most")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        source = self.principle if self.principle is not None else (self.check if isinstance(self.check, str) else "check")
+        return f"{source}@{self.kind}" if self.kind else source
 
 
 class RLConfig(Section):
@@ -378,6 +430,58 @@ class RLConfig(Section):
         "(bounded for any smoothing); robust is unbiased for that flip rate but weighs each pair by 1/(1 - 2 smoothing).",
     )
     dpo_min_label_prob: float = Field(0.5, ge=0, le=1, description="DPO: drop pairs whose label_prob is below this.")
+    # -- reward uncertainty, per-principle rewards and constraints (PPO; docs/rl.md) --
+    ensemble_reward: Literal["mean", "uncertainty", "worst"] = Field(
+        "mean", description="How PPO reads an ensemble reward model (rm.ensemble > 1): the members' mean, the mean minus "
+        "rl.uncertainty_coef x their std (uncertainty-weighted), or their minimum (worst case).",
+    )
+    uncertainty_coef: float = Field(1.0, ge=0, description="rl.ensemble_reward=uncertainty: the weight of the members' std.")
+    principle_weights: dict[str, float] = Field(
+        default_factory=dict, description="A per-principle reward model (rm.per_principle): each principle's weight in the "
+        "reward, by id; principles not named weigh 0 once any is named (default: equal weights summing to 1).",
+    )
+    principle_combine: Literal["weighted_sum", "normalized_sum"] = Field(
+        "weighted_sum", description="weighted_sum of the principles' rewards, or normalized_sum: each principle's reward "
+        "normalised over the batch before the weighted sum (GDPO), so one with a wide spread cannot drown the others.",
+    )
+    constraints: list[ConstraintConfig] = Field(
+        default_factory=list, description="PPO: bounds held by Lagrange multipliers (Safe-RLHF), each {check: ID or "
+        "{when, expect}, or principle: ID; at_least: X or at_most: X; kind: red_team|helpful (optional); lr; multiplier; "
+        "name}; each multiplier moves once per batch and mixes its constraint into the reward.",
+    )
+    max_disagreement: float = Field(
+        3.0, gt=0, description="Monitor: warn when the ensemble members' disagreement exceeds this multiple of theirs on "
+        "the SFT model's samples (the policy has left the reward model's ground).",
+    )
+
+    # -- rounds of AI feedback; keeping the best snapshot by an independent judge (docs/rl.md) --
+    rounds: int = Field(
+        1, ge=1,
+        description="ppo/dpo: rounds of AI feedback that rl.steps is cut into. Before each round after the first, the "
+        "current policy answers the prefs-split prompts, the choice labeler labels its pairs, and PPO's reward model is "
+        "updated on every label so far (DPO trains on the new pairs); 1 = the prefs stage's labels only.",
+    )
+    round_rm: Literal["continue", "retrain"] = Field(
+        "continue",
+        description="Rounds, PPO: the updated reward model is trained further from the last round's (continue) or "
+        "afresh from sft/ (retrain), on every label so far, with the rm.* settings.",
+    )
+    select_by: Literal["final", "validation"] = Field(
+        "final",
+        description="The policy rl/ keeps: the final one, or the snapshot (rl.keep_snapshots, or each round's end) that "
+        "eval.judge, independent of training, prefers most to the SL-CAI model on the val split (data.fractions.val), "
+        "never the eval split.",
+    )
+
+    @model_validator(mode="after")
+    def _rounds_fit_the_steps(self):
+        if self.rounds > 1 and self.algorithm not in ("ppo", "dpo"):
+            raise ValueError(f"rl.rounds > 1 applies to rl.algorithm ppo or dpo, not {self.algorithm}")
+        if self.select_by == "validation" and self.algorithm not in ("ppo", "dpo"):
+            raise ValueError(f"rl.select_by=validation chooses among the snapshots ppo and dpo keep, not {self.algorithm}'s")
+        if self.rounds > self.steps:
+            raise ValueError(f"rl.rounds ({self.rounds}) cannot exceed rl.steps ({self.steps}): each round takes at least one step")
+        return self
 
 
 class EvalPromptFile(Section):

@@ -10,7 +10,9 @@ so it lives below the stages.
   plus its head.
 - The reward is `rm/` (cai.rewards.RewardModelScorer: normalised scores, re-tokenized text, so a reward
   model with another tokenizer works), the labeler's direct score, or any callable
-  `(prompts, answers) -> list[float]` named `module.path:function`.
+  `(prompts, answers) -> list[float]` named `module.path:function`. PPO reads it through `PPOReward`:
+  a reward model with several outputs (ensemble members, principles) is combined as `rl.ensemble_reward`
+  and `rl.principle_*` say, and `rl.constraints` are mixed in by their Lagrange multipliers.
 - Precision: what trains (the policy, the value model and its head, LoRA adapters) keeps float32
   master weights; bf16/fp16 is the compute precision, applied by accelerate's autocast
   (`mixed_precision`). Frozen weights (the reference, a LoRA base) are stored in the compute dtype.
@@ -23,6 +25,7 @@ import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -54,7 +57,9 @@ def reward_callable(name: str) -> RewardFn:
 
 
 def check_reward(cfg: Config) -> None:
-    """Before anything is written: rm/ exists when it is the reward, a callable imports."""
+    """Before anything is written: rm/ exists when it is the reward, a callable imports, the reward's
+    combination and constraints name principles and checks that exist."""
+    check_reward_reading(cfg)
     if cfg.rl.reward == "rm":
         require_done(cfg, "rm", "rl with rl.reward=rm")
     elif cfg.rl.reward == "direct":  # the rating template renders before any model loads
@@ -66,11 +71,12 @@ def check_reward(cfg: Config) -> None:
         reward_callable(cfg.rl.reward)
 
 
-def load_reward_fn(cfg: Config, device) -> tuple[RewardFn, Path | None]:
-    """The reward named by `rl.reward`, and the rm/ folder when it is the reward model."""
+def load_reward_fn(cfg: Config, device, rm_dir: Path | None = None) -> tuple[RewardFn, Path | None]:
+    """The reward named by `rl.reward`, and the rm/ folder when it is the reward model (`rm_dir` names
+    another reward-model folder than the rm stage's: a round's update, rl/rounds/round-K/rm)."""
     name = cfg.rl.reward
     if name == "rm":
-        rm_dir = require_done(cfg, "rm", "rl with rl.reward=rm")
+        rm_dir = rm_dir or require_done(cfg, "rm", "rl with rl.reward=rm")
         from cai.rewards import RewardModelScorer
 
         return RewardModelScorer(rm_dir, cfg.cache_dir, device=device), rm_dir
@@ -83,6 +89,212 @@ def load_reward_fn(cfg: Config, device) -> tuple[RewardFn, Path | None]:
         labeler = build_labeler(cfg, role="choices")
         return DirectLabelerReward(labeler, load_constitution(cfg.constitution), Templates(cfg.templates), cfg), None
     return reward_callable(name), None
+
+# --------------------------------------------------------------------------------------------------
+# How PPO reads the reward: several outputs combined, constraints mixed in (rl.ensemble_reward,
+# rl.principle_weights, rl.principle_combine, rl.constraints)
+
+
+def _reward_layout(cfg: Config) -> dict:
+    """The outputs the rm stage makes under this config (members, principles)."""
+    principles = None
+    if cfg.rm.per_principle:
+        from cai.constitution import load_constitution
+
+        principles = [c.id for c in load_constitution(cfg.constitution).comparisons]
+    return {"members": cfg.rm.ensemble, "principles": principles}
+
+
+def check_reward_reading(cfg: Config) -> None:
+    """One line, before any model loads, when rl.* asks of the reward what it cannot give."""
+    from cai.checks import compile_check
+    from cai.constitution import load_constitution
+
+    rl = cfg.rl
+    from_rm = rl.reward == "rm" and rl.algorithm == "ppo"
+    layout = _reward_layout(cfg) if from_rm else {"members": 1, "principles": None}
+    if rl.ensemble_reward != "mean" and layout["members"] < 2:
+        raise CaiError(f"rl.ensemble_reward={rl.ensemble_reward} needs an ensemble reward model: rl.reward=rm with rm.ensemble > 1 (PPO)")
+    if rl.principle_weights or rl.principle_combine != "weighted_sum":
+        if not layout["principles"]:
+            raise CaiError("rl.principle_weights and rl.principle_combine need a reward with one output per principle: "
+                           "rl.reward=rm with rm.per_principle=true (PPO)")
+        unknown = sorted(set(rl.principle_weights) - set(layout["principles"]))
+        if unknown:
+            raise CaiError(f"rl.principle_weights: {unknown[0]!r} is not a comparison principle of {cfg.constitution} "
+                           f"(they are: {', '.join(layout['principles'])})")
+    if rl.constraints and rl.algorithm != "ppo":
+        raise CaiError(f"rl.constraints apply to PPO; rl.algorithm={rl.algorithm} does not read them")
+    constitution = None
+    for n, c in enumerate(rl.constraints):
+        where = f"rl.constraints[{n}]"
+        if c.principle is not None:
+            if not layout["principles"] or c.principle not in layout["principles"]:
+                raise CaiError(f"{where}.principle={c.principle!r} needs a reward model with an output for it: rl.reward=rm, "
+                               f"rm.per_principle=true, and a comparison principle of that id in {cfg.constitution}")
+        elif isinstance(c.check, str):
+            constitution = constitution or load_constitution(cfg.constitution)
+            carriers = [p for p in [*constitution.comparisons, *constitution.critiques] if p.id == c.check and p.check is not None]
+            if not carriers:
+                raise CaiError(f"{where}.check={c.check!r}: no principle of {cfg.constitution} with that id carries a check")
+        else:
+            try:
+                compile_check(c.check)
+            except ValueError as err:
+                raise CaiError(f"{where}.check: {err}") from None
+    labels = [c.label for c in rl.constraints]
+    if len(set(labels)) < len(labels):
+        raise CaiError(f"rl.constraints: two constraints are named {sorted(x for x in labels if labels.count(x) > 1)[0]!r}; give each a name")
+
+
+class ScoredBatch(NamedTuple):
+    """What the reward says about one batch of B answers."""
+
+    reward: torch.Tensor  # [B] what PPO optimises, before unfinished_score, clipping and the constraints
+    principles: torch.Tensor | None  # [B, P] each principle's normalised reward (the members' mean), or None
+    disagreement: torch.Tensor | None  # [B] the ensemble members' std (of their mean over principles), or None
+
+
+def principle_applies(checks: list, prompts: list[str], kinds: list[str]) -> torch.Tensor:
+    """[B, P] whether each principle bears on each answer's prompt: its check's `when`, if it carries a check."""
+    return torch.tensor([[check is None or check.applies_to(p, k) for check in checks] for p, k in zip(prompts, kinds)], dtype=torch.bool)
+
+
+class PPOReward:
+    """The reward as PPO reads it: a plain reward's scores, or a reward model's outputs combined (principles
+    by rl.principle_weights / rl.principle_combine, then members by rl.ensemble_reward), and the constraints."""
+
+    def __init__(self, cfg: Config, reward_fn: RewardFn):
+        from cai.checks import compile_check
+        from cai.constitution import load_constitution
+
+        self.fn, rl = reward_fn, cfg.rl
+        self.members = getattr(reward_fn, "members", 1)
+        self.principles = getattr(reward_fn, "principles", None)
+        self.how, self.coef, self.normalize = rl.ensemble_reward, rl.uncertainty_coef, rl.principle_combine == "normalized_sum"
+        self.baseline_disagreement = getattr(reward_fn, "baseline_disagreement", None)
+        self.several = hasattr(reward_fn, "outputs") and self.members * len(self.principles or [None]) > 1
+        self.checks: list = []
+        self.weights = torch.ones(1)
+        if self.principles:
+            constitution = load_constitution(cfg.constitution)
+            carried = {p.id: p.check for p in constitution.comparisons}
+            self.checks = [compile_check(carried[p]) if carried.get(p) is not None else None for p in self.principles]
+            named = rl.principle_weights
+            self.weights = torch.tensor([named.get(p, 0.0) if named else 1.0 / len(self.principles) for p in self.principles])
+        self.constraints = Constraints(cfg, self.principles) if rl.constraints else None
+
+    def score(self, prompts: list[str], answers: list[str], kinds: list[str]) -> ScoredBatch:
+        if not self.several:
+            return ScoredBatch(score(self.fn, prompts, answers), None, None)
+        from cai.rl import combine_members, combine_principles, member_disagreement
+
+        outputs = self.fn.outputs(prompts, answers).float()  # [B, K, P]
+        if not bool(torch.isfinite(outputs).all()):
+            raise CaiError("the reward model returned a non-finite score")
+        applies = principle_applies(self.checks, prompts, kinds) if self.principles else None
+        per_member = combine_principles(outputs, self.weights, applies, normalize=self.normalize) if self.principles else outputs[:, :, 0]
+        reward = combine_members(per_member, self.how, self.coef)
+        principles = outputs.mean(dim=1) if self.principles else None
+        disagreement = member_disagreement(outputs.mean(dim=2)) if self.members > 1 else None
+        return ScoredBatch(reward, principles, disagreement)
+
+    def logs(self, scored: ScoredBatch, prompts: list[str], kinds: list[str], gather, device) -> dict:
+        """This batch's per-principle rewards and the members' disagreement, over every process's answers
+        (`gather`: accelerate's, which wants tensors on `device`)."""
+        out: dict = {}
+        if scored.disagreement is not None:
+            mean = float(gather(scored.disagreement.to(device)).mean())
+            out["reward_disagreement"] = mean
+            if self.baseline_disagreement:
+                out["reward_disagreement_ratio"] = mean / self.baseline_disagreement
+        if scored.principles is not None:
+            applies = principle_applies(self.checks, prompts, kinds)
+            values, where = gather(scored.principles.to(device)), gather(applies.to(device))
+            from cai.rl import constraint_means
+
+            means, _ = constraint_means(values, where)
+            for principle, m in zip(self.principles, means.tolist()):
+                out[f"principle_reward/{principle}"] = None if m != m else m
+        return out
+
+
+class Constraints:
+    """rl.constraints: each constraint's value per answer and where it applies, and its Lagrange multiplier,
+    which moves once per batch (cai.rl.update_multipliers) and is checkpointed with the run (state_dict).
+
+    Values are oriented so that higher is better: an `at_most` constraint is held as -value >= -bound."""
+
+    def __init__(self, cfg: Config, principles: list[str] | None):
+        from cai.checks import compile_check
+        from cai.constitution import load_constitution
+        from cai.rl import LagrangeState
+
+        self.specs = list(cfg.rl.constraints)
+        constitution = load_constitution(cfg.constitution) if any(isinstance(c.check, str) for c in self.specs) else None
+        self.sources = []  # ("check", Check) or ("principle", index)
+        for c in self.specs:
+            if c.principle is not None:
+                self.sources.append(("principle", principles.index(c.principle)))
+            elif isinstance(c.check, str):
+                carrier = next(p for p in [*constitution.comparisons, *constitution.critiques] if p.id == c.check and p.check is not None)
+                self.sources.append(("check", compile_check(carrier.check)))
+            else:
+                self.sources.append(("check", compile_check(c.check)))
+        self.sign = torch.tensor([1.0 if c.at_least is not None else -1.0 for c in self.specs])
+        self.bounds = self.sign * torch.tensor([c.at_least if c.at_least is not None else c.at_most for c in self.specs])
+        self.lr = torch.tensor([c.lr for c in self.specs])
+        self.state = LagrangeState(torch.tensor([c.multiplier for c in self.specs]))
+
+    @property
+    def names(self) -> list[str]:
+        return [c.label for c in self.specs]
+
+    def measure(self, prompts: list[str], answers: list[str], kinds: list[str], principles: torch.Tensor | None):
+        """(values [B, C] oriented, applies [B, C] bool) of this batch."""
+        values = torch.zeros(len(answers), len(self.specs))
+        applies = torch.zeros(len(answers), len(self.specs), dtype=torch.bool)
+        for j, (spec, (source, what)) in enumerate(zip(self.specs, self.sources)):
+            for b, (prompt, answer, kind) in enumerate(zip(prompts, answers, kinds)):
+                if spec.kind is not None and kind != spec.kind:
+                    continue
+                if source == "principle":
+                    value = float(principles[b, what])
+                else:
+                    value = what.score(prompt, answer, kind)
+                    if value is None:  # the check's own `when` leaves this prompt out
+                        continue
+                values[b, j], applies[b, j] = value, True
+        return values * self.sign, applies
+
+    def step(self, scores: torch.Tensor, prompts, answers, kinds, principles, gather, device) -> tuple[torch.Tensor, dict]:
+        """The scores with the constraints mixed in by the current multipliers; then each multiplier moves by
+        this batch's measure over every process (`gather`, on `device`). Returns (mixed scores [B], log entries)."""
+        from cai.rl import LagrangeState, constraint_means, lagrangian_mix, update_multipliers
+
+        values, applies = self.measure(prompts, answers, kinds, principles)
+        used = self.state.multipliers.clone()
+        mixed = lagrangian_mix(scores, values.to(scores.device), applies.to(scores.device), used.to(scores.device))
+        measured, counts = constraint_means(gather(values.to(device)).cpu(), gather(applies.to(device)).cpu())
+        self.state = update_multipliers(LagrangeState(used), measured, self.bounds, self.lr)
+        logs = {}
+        for j, name in enumerate(self.names):
+            m = float(measured[j])
+            logs[f"constraint/{name}"] = None if m != m else m * float(self.sign[j])  # as written: the check's score
+            spec = self.specs[j]
+            logs[f"bound/{name}"] = spec.at_least if spec.at_least is not None else spec.at_most
+            logs[f"multiplier/{name}"] = float(used[j])
+            logs[f"constraint_answers/{name}"] = int(counts[j])
+        return mixed, logs
+
+    def state_dict(self) -> dict:
+        return {"multipliers": self.state.multipliers.tolist(), "names": self.names}
+
+    def load_state_dict(self, state: dict) -> None:
+        from cai.rl import LagrangeState
+
+        self.state = LagrangeState(torch.tensor(state["multipliers"], dtype=torch.float32))
+
 
 def score(reward_fn: RewardFn, prompts: list[str], answers: list[str]) -> torch.Tensor:
     values = list(reward_fn(prompts, answers))
@@ -166,29 +378,36 @@ def _no_dropout(model):
 
 def _score_head(seq_cls_model) -> torch.nn.Linear:
     head = getattr(seq_cls_model, "score", None) or getattr(seq_cls_model, "classifier", None)
-    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
-        raise CaiError(f"rm/: cannot find a 1-output linear score head on {type(seq_cls_model).__name__}")
+    if not isinstance(head, torch.nn.Linear):
+        raise CaiError(f"rm/: cannot find a linear score head on {type(seq_cls_model).__name__}")
     return head
 
 
 def value_from_reward_model(rm_dir: Path, device) -> tuple[torch.nn.Module, torch.nn.Linear]:
     """Backbone and head of rm/ in float32 (they train), the head rescaled so that it predicts
-    normalised scores (Huang et al. 2024: initialise the value model from the reward model)."""
+    normalised scores (Huang et al. 2024: initialise the value model from the reward model). With several
+    outputs, the head predicts the reward model's score (the normalised mean of its outputs); with LoRA
+    members, it is member 0's backbone and the mean of its outputs."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from cai.models import without_dropout
+    from cai.rewards import load_reward_model, read_outputs
 
-    config = AutoConfig.from_pretrained(rm_dir)
-    without_dropout(config)
-    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir, config=config, dtype=torch.float32)
+    layout = read_outputs(rm_dir)
+    if layout["share"] == "lora" and layout["members"] * len(layout["principles"] or [None]) > 1:
+        rm = load_reward_model(rm_dir, layout).member(0).float()
+    else:
+        config = AutoConfig.from_pretrained(rm_dir)
+        without_dropout(config)
+        rm = AutoModelForSequenceClassification.from_pretrained(rm_dir, config=config, dtype=torch.float32)
     norm_path = rm_dir / "normalization.json"
     norm = json.loads(norm_path.read_text()) if norm_path.exists() else {"mean": 0.0, "std": 1.0}
     old = _score_head(rm)
     head = torch.nn.Linear(old.in_features, 1, bias=True, dtype=torch.float32)
     with torch.no_grad():
-        head.weight.copy_(old.weight / norm["std"])
-        bias = old.bias if old.bias is not None else torch.zeros(1)
-        head.bias.copy_((bias - norm["mean"]) / norm["std"])
+        head.weight.copy_(old.weight.mean(dim=0, keepdim=True) / norm["std"])
+        bias = old.bias.mean() if old.bias is not None else torch.zeros(())
+        head.bias.copy_(((bias - norm["mean"]) / norm["std"]).reshape(1))
     return _no_dropout(getattr(rm, rm.base_model_prefix)).to(device), head.to(device)
 
 

@@ -1,5 +1,6 @@
 """Prompt sets: the shipped red-team and helpful prompts, a user's JSONL/CSV file, or a `datasets` name,
-split once, seeded, into disjoint sl / prefs / rl / eval parts.
+split once, seeded, into disjoint sl / prefs / rl / eval parts (and val, a validation split that selects
+RL snapshots, when `data.fractions` gives it a share).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from cai.records import numbered_jsonl
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 KINDS = ("red_team", "helpful")
-SPLITS = ("sl", "prefs", "rl", "eval")
+SPLITS = ("sl", "prefs", "rl", "val", "eval")  # val: optional (data.fractions.val), empty unless given
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def split_prompts(data_cfg, seed: int) -> dict[str, dict[str, list[Prompt]]]:
             items = items[: data_cfg.limit]
         start = 0
         for index, split in enumerate(SPLITS):
-            share = data_cfg.fractions[split]
+            share = data_cfg.fractions.get(split, 0.0)
             end = len(items) if index == len(SPLITS) - 1 else start + round(share * len(items))
             out[split][kind] = [Prompt(prompt_id(t), t, kind, **fields[kind][t]) for t in items[start:end]]
             start = end
@@ -150,6 +151,7 @@ def load_prompt_file(path: str, kind: str = "custom") -> list[Prompt]:
 
 
 def training_overlap(splits: dict[str, dict[str, list[Prompt]]], prompts: list[Prompt]) -> list[Prompt]:
-    """The `prompts` that also sit in a training split (sl, prefs, rl): evaluating on them is not held out."""
-    trained = {p.id for split in ("sl", "prefs", "rl") for kind in splits[split].values() for p in kind}
+    """The `prompts` that also sit in a training split (sl, prefs, rl) or in val (which selects the RL
+    policy): evaluating on them is not held out."""
+    trained = {p.id for split in ("sl", "prefs", "rl", "val") for kind in splits[split].values() for p in kind}
     return [p for p in prompts if p.id in trained]

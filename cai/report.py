@@ -70,6 +70,8 @@ def load_run(run_dir: str | Path) -> dict:
         "samples": read_jsonl(eval_dir / "samples.jsonl"),
         "examples": read_jsonl(eval_dir / "examples.jsonl"),
         "rl_rows": read_jsonl(run_dir / "rl" / "metrics.jsonl"),
+        "rounds": _json_or_none(run_dir / "rl" / "rounds.json"),
+        "selection": _json_or_none(run_dir / "rl" / "selection.json"),
         "audit_items": audit_items,
         "config_text": config_text,
         "config": config if isinstance(config, dict) else {},
@@ -78,6 +80,10 @@ def load_run(run_dir: str | Path) -> dict:
         "questions": {c.get("id"): c.get("question") for c in (constitution or {}).get("comparisons", []) or [] if isinstance(c, dict)},
         "stress": json.loads((run_dir / "stress" / "stress.json").read_text()) if (run_dir / "stress" / "stress.json").is_file() else None,
     }
+
+
+def _json_or_none(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -221,6 +227,65 @@ def plot_rl_curves(rows: list[dict]) -> bytes | None:
     return _png(fig)
 
 
+def reward_monitor_names(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """(the constraints, the principles) that rl/metrics.jsonl logs per step."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return ([k.split("/", 1)[1] for k in keys if k.startswith("multiplier/")],
+            [k.split("/", 1)[1] for k in keys if k.startswith("principle_reward/")])
+
+
+def plot_reward_monitors(rows: list[dict]) -> bytes | None:
+    """Per PPO step: the ensemble members' disagreement, each principle's reward, and each constraint as
+    measured beside its bound, with its Lagrange multiplier. None when the run logged none of them."""
+    constraints, principles = reward_monitor_names(rows)
+    has_disagreement = any(r.get("reward_disagreement") is not None for r in rows)
+    panels = int(has_disagreement) + int(bool(principles)) + len(constraints)
+    if not panels:
+        return None
+    plt = _pyplot()
+    steps = [r.get("step", i + 1) for i, r in enumerate(rows)]
+    get = lambda key: [math.nan if r.get(key) is None else r[key] for r in rows]  # noqa: E731
+    fig, axes = plt.subplots(1, panels, figsize=(3.8 * panels, 3.1), squeeze=False)
+    axes = list(axes[0])
+    if has_disagreement:
+        ax = axes.pop(0)
+        ax.plot(steps, get("reward_disagreement"), color="#b23a48", marker="o", ms=3)
+        ax.set(title="ensemble disagreement (members' std)", xlabel="step")
+    if principles:
+        ax = axes.pop(0)
+        for principle in principles:
+            ax.plot(steps, get(f"principle_reward/{principle}"), marker="o", ms=2, label=principle)
+        ax.set(title="each principle's reward", xlabel="step")
+        ax.legend(fontsize=7, loc="best")
+    for name in constraints:
+        ax = axes.pop(0)
+        ax.plot(steps, get(f"constraint/{name}"), color="#1f4e79", marker="o", ms=3, label="measured")
+        ax.plot(steps, get(f"bound/{name}"), color="#1f4e79", ls="--", label="bound")
+        ax.set(title=f"constraint {name}", xlabel="step")
+        twin = ax.twinx()
+        twin.plot(steps, get(f"multiplier/{name}"), color="#2a9d8f", ls=":", marker=".", label="multiplier λ")
+        twin.set_ylabel("λ", color="#2a9d8f", rotation=0)
+        twin.grid(False)
+        lines = ax.get_lines() + twin.get_lines()
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="best")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def reward_monitor_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Each constraint: its bound, its measure at the first and last step, its multiplier's peak and last value."""
+    constraints, _ = reward_monitor_names(rows)
+    out = []
+    for name in constraints:
+        measured = [r.get(f"constraint/{name}") for r in rows if r.get(f"constraint/{name}") is not None]
+        lam = [r[f"multiplier/{name}"] for r in rows if f"multiplier/{name}" in r]
+        bound = next((r[f"bound/{name}"] for r in rows if f"bound/{name}" in r), None)
+        show = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+        out.append([name, show(bound), show(measured[0] if measured else None), show(measured[-1] if measured else None),
+                    show(max(lam) if lam else None), show(lam[-1] if lam else None)])
+    return ["constraint", "bound", "measured, first step", "measured, last step", "multiplier, peak", "multiplier, last"], out
+
+
 def plot_win_rates(metrics: dict) -> bytes | None:
     """Win rate with its interval, overall and per comparison principle, one panel per model pair."""
     wins = metrics.get("win_rates") or {}
@@ -304,16 +369,19 @@ def plot_overoptimization(metrics: dict) -> bytes | None:
     plt = _pyplot()
     fig, proxy_ax = plt.subplots(figsize=(6.5, 3.6))
     kl = [p["kl"] for p in points]
-    proxy_ax.plot(kl, [p["proxy"] for p in points], "o-", color="#d9822b", label="proxy: reward-model score")
+    has_proxy = all(p.get("proxy") is not None for p in points)  # no reward model (DPO): the gold alone
+    if has_proxy:
+        proxy_ax.plot(kl, [p["proxy"] for p in points], "o-", color="#d9822b", label="proxy: reward-model score")
+        proxy_ax.set_ylabel("reward-model score (normalised)", color="#d9822b")
     proxy_ax.set_xlabel("KL(policy || SL-CAI) on held-out prompts, nats per answer")
-    proxy_ax.set_ylabel("reward-model score (normalised)", color="#d9822b")
-    gold_ax = proxy_ax.twinx()
+    gold_ax = proxy_ax.twinx() if has_proxy else proxy_ax
     gold_ax.plot(kl, [p["gold"] for p in points], "s-", color="#1f4e79", label="gold: compliance with the checks")
     gold_ax.set_ylabel("compliance (checked exactly)", color="#1f4e79")
     gold_ax.set_ylim(0, 1)
     for p in points:
-        proxy_ax.annotate(f"step {p['step']}", (p["kl"], p["proxy"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    lines = proxy_ax.get_lines() + gold_ax.get_lines()
+        label = f"step {p['step']}" + (" (kept)" if p.get("kept") else "")
+        gold_ax.annotate(label, (p["kl"], p["gold"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    lines = proxy_ax.get_lines() + (gold_ax.get_lines() if has_proxy else [])
     proxy_ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower right")
     fig.tight_layout()
     return _png(fig)
@@ -420,6 +488,7 @@ def model_table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     add("P(refuses), helpful prompts ↓", "over_refusal", rate_fmt)
     add("refusal phrases, helpful prompts ↓", "refusal_markers", rate_fmt)
     add("reward-model score", "reward", lambda r: "n/a" if not r or r.get("mean") is None else f"{r['mean']:+.2f} {ci_text(r['ci'], False)}")
+    add("reward-model members' disagreement (std) ↓", "reward_disagreement", lambda v: "n/a" if v is None else f"{v:.3f}")
     add("log p − log p(SL-CAI) of its top-p answers (nats, ≈ KL)", "kl_to_sft", lambda r: "n/a" if not r or r.get("mean") is None else f"{r['mean']:.2f}")
     add("answer length (tokens)", "answer_tokens", lambda r: "n/a" if not r or r.get("mean") is None else f"{r['mean']:.1f}")
     add("repeated word 3-grams", "repetition", lambda v: pct(v, 1))
@@ -644,6 +713,15 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
         rl_text = [f"No RL training curves: {data['run_dir'] / 'rl' / 'metrics.jsonl'} is missing or has no reward "
                    f"(rl.algorithm={(data['config'].get('rl') or {}).get('algorithm', 'unknown')} logs elsewhere)."]
     out.append({"title": "RL training", "plot": "rl_curves", "text": rl_text})
+    if plots.get("reward_monitors"):
+        monitors = ["Per PPO step, what the reward's parts did. The ensemble members' disagreement (the spread of their "
+                    "scores of the same answers) is a hacking monitor: it grows where the policy's answers leave the "
+                    "ground the reward model was trained on, which a single reward model cannot see. Each constraint "
+                    "(rl.constraints) is measured on the step's answers beside its bound; its Lagrange multiplier rises "
+                    "while the bound is violated, weighting the constraint into the reward, and falls back once it holds."]
+        table = reward_monitor_table(data["rl_rows"])
+        out.append({"title": "Reward monitors: ensemble disagreement and constraints", "plot": "reward_monitors",
+                    "text": monitors, "tables": [table] if table[1] else []})
     reward_text = ["The reward model's scores of each model's answers to the held-out prompts: the distribution before "
                    "(initial, SL-CAI) and after RL. A shift to the right is what RL optimised; check it against the "
                    "labeler's win rates above, which the policy was not trained on."]
@@ -651,7 +729,8 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
         reward_text = [m["reward_note"] + "."]
     out.append({"title": "Reward distribution before and after RL", "plot": "rewards", "text": reward_text})
     if m.get("overoptimization"):
-        rows = [[p["model"], str(p["step"]), "n/a" if p["kl"] is None else f"{p['kl']:.2f}", f"{p['proxy']:+.2f}", pct(p["gold"])]
+        rows = [[p["model"] + (" (kept)" if p.get("kept") else ""), str(p["step"]), "n/a" if p["kl"] is None else f"{p['kl']:.2f}",
+                 "n/a" if p.get("proxy") is None else f"{p['proxy']:+.2f}", pct(p["gold"])]
                 for p in m["overoptimization"]]
         out.append({"title": "Over-optimisation: proxy and gold against KL", "plot": "overoptimization",
                     "tables": [(["policy", "RL step", "KL to SL-CAI", "proxy (reward model)", "gold (compliance)"], rows)],
@@ -659,6 +738,7 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
                              "prompts: what RL optimised (the reward model's score) and what it was meant to achieve (the "
                              "checks), against how far each moved from the SL-CAI model (Gao et al. 2022). Where the proxy "
                              "still rises and the gold does not, more RL stopped helping."]})
+    out += rounds_and_selection_sections(data)
     audit = m.get("labeler_audit")
     audit_text = [f"{audit.get('labeler')} on {audit.get('gold')}, {audit.get('principles')}. How often the labeler's "
                   "debiased label favours the human-preferred answer, how often its pick flips with the order, whether it "
@@ -691,6 +771,51 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
     out.append({"title": "Held-out answers", "tables": [(["prompt"] + [name(x) for x in models] + ["judge: P(first-named model better)"], rows)],
                 "text_cols": tuple(range(len(models) + 1)),
                 "text": [f"The first {len(samples)} held-out prompts and each model's answer; every prompt is in eval/samples.jsonl."]})
+    return out
+
+
+def rounds_and_selection_sections(data: dict) -> list[dict]:
+    """Rounds of AI feedback (rl/rounds.json) beside the over-optimisation curve's gold at each round's
+    end; the snapshot rl/ kept by the judge on the validation split (rl/selection.json)."""
+    out = []
+    curve = {p["step"]: p for p in (data["metrics"].get("overoptimization") or [])}
+    if data.get("rounds"):
+        def num(x, fmt):
+            return "n/a" if x is None else format(x, fmt)
+
+        rows = []
+        for r in data["rounds"]:
+            before = r.get("rm_accuracy_before_update") or {}
+            end = curve.get(r["last_step"]) or {}
+            used = r.get("labeler") or {}
+            rows.append([str(r["round"]), f"{r['first_step']}-{r['last_step']}",
+                         "prefs stage" if r["round"] == 1 else f"{r.get('labeled') or 0} ({r.get('decisive') or 0} decisive)",
+                         "—" if r["round"] == 1 else (f"{pct(before.get('accuracy'))} {ci_text(before.get('ci'))} of {before.get('pairs')}"
+                                                      if before else "n/a"),
+                         f"{num(r.get('reward_first'), '+.2f')} → {num(r.get('reward_last'), '+.2f')}" if "reward_last" in r else num(r.get("train_loss"), ".3f"),
+                         num(r.get("kl_last"), ".2f"), num(end.get("kl"), ".2f"), num(end.get("proxy"), "+.2f"),
+                         pct(end.get("gold")) if end else "n/a",
+                         f"{used.get('requests', 0)} ({used.get('cache_hits', 0)} cached), "
+                         f"{used.get('input_tokens', 0) + used.get('output_tokens', 0)} tokens"])
+        head = ["round", "steps", "new pairs labeled", "reward model right on them, before its update",
+                "training reward (or DPO loss)", "KL at its end (training)", "KL at its end (held out)", "proxy at its end",
+                "gold at its end", "labeler requests, tokens"]
+        out.append({"title": "Rounds of AI feedback", "tables": [(head, rows)], "text": [
+            "Before each round after the first, the policy as it then was answered the prefs-split prompts and the choice "
+            "labeler labeled its pairs (both orders, principles ensembled); PPO's reward model was updated on every label so "
+            "far (DPO trained on the new pairs). How often the reward model in force ranked the new pairs as the labeler did, "
+            "before its update, shows how far the policy had moved off what it was trained on (50% is chance). The held-out "
+            "columns come from the over-optimisation curve at each round's last step (its snapshot): proxy = the rm stage's "
+            "reward model, gold = compliance with the checks."]})
+    selection = data.get("selection")
+    if selection:
+        rows = [[c["model"] + (" (kept)" if c["model"] == selection["kept"] else ""), str(c["step"]),
+                 "n/a" if c["score"] is None else f"{pct(c['score'], 1)} {ci_text(c['ci'])}", str(c["n"])] for c in selection["candidates"]]
+        out.append({"title": "The RL policy kept: the judge's choice on the validation split", "tables": [
+            (["snapshot", "RL step", "soft win rate against SL-CAI [interval]", "validation prompts"], rows)], "text": [
+            f"rl/ holds {selection['kept']} (step {selection['step']} of {selection['final_step']}): {selection['reason']}. The "
+            "validation split is neither trained on nor part of the eval split, so the numbers above, on the eval split, were not "
+            "used to choose; the judge that chose is the one that evaluates, on other prompts."]})
     return out
 
 
@@ -753,6 +878,7 @@ def make_plots(data: dict) -> dict[str, bytes | None]:
         "win_rates": plot_win_rates(m),
         "harm_refusal": plot_harm_refusal(m),
         "rl_curves": plot_rl_curves(data["rl_rows"]),
+        "reward_monitors": plot_reward_monitors(data["rl_rows"]),
         "rewards": plot_rewards(data["samples"]),
         "audit": plot_audit(m.get("labeler_audit"), data["audit_items"]),
         "compliance": plot_compliance(m),

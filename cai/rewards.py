@@ -2,9 +2,13 @@
 
     reward_fn(prompts: list[str], answers: list[str]) -> list[float]
 
-- `RewardModelScorer`: the trained reward model in `rm/` (a sequence-classification model with one
-  output), its scores normalised with the offsets saved beside it (mean 0, standard deviation 1 on the
-  SFT model's own samples). It re-tokenizes the text with its own tokenizer, so the policy may use any.
+- `RewardModelScorer`: the trained reward model in `rm/` (a sequence-classification model), its scores
+  normalised with the offsets saved beside it (mean 0, standard deviation 1 on the SFT model's own
+  samples). It re-tokenizes the text with its own tokenizer, so the policy may use any. A reward model
+  may have several outputs (`rm/outputs.json`): K ensemble members times P principles, output
+  k * P + p being member k's reward for principle p. Called, it gives the mean of its raw outputs,
+  normalised (its score); `outputs` gives every output, each normalised on its own, for PPO to combine
+  (cai.rl.combine_principles, combine_members).
 - `DirectLabelerReward` (d-RLAIF, Lee et al. 2023): no reward model; the labeler rates each answer
   on ten levels, 0 to 9, against the constitution (`prompts/score.jinja`), the reward is the
   probability-weighted rating scaled to [-1, 1]. The levels are single digits so that no label is the
@@ -28,6 +32,8 @@ NORMALIZATION = "normalization.json"
 # How the reward model reads text: {"system_prompt": str | None, "max_length": int, "answer_template": str},
 # the last the text of the answer.jinja that built the policy's input it was trained on.
 SCORING = "scoring.json"
+# How the outputs are laid out: {"members": K, "principles": [ids] | null, "share": "heads" | "lora"}; absent: one output.
+OUTPUTS = "outputs.json"
 
 
 def chat_token_ids(tokenizer, messages: list[dict], max_length: int | None = None) -> list[int]:
@@ -38,15 +44,15 @@ def chat_token_ids(tokenizer, messages: list[dict], max_length: int | None = Non
     return ids[-max_length:] if max_length else ids
 
 
-def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8, max_length: int | None = None) -> list[float]:
-    """Raw scalar rewards of a sequence-classification model with one output, in input order."""
+def score_outputs(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8, max_length: int | None = None):
+    """Raw outputs of a sequence-classification model, in input order: a float tensor [N, num_labels]."""
     import torch
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     encoded = [chat_token_ids(tokenizer, c, max_length) for c in conversations]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    scores: list[float] = [0.0] * len(encoded)
+    scores = None
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
@@ -56,10 +62,23 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], batch
             for row, i in enumerate(batch):  # right padding: the model reads its score at the last real token
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                 mask[row, : len(encoded[i])] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
-            for row, i in enumerate(batch):
-                scores[i] = float(logits[row])
-    return scores
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+            if scores is None:
+                scores = torch.zeros(len(encoded), logits.shape[1])
+            scores[torch.tensor(batch)] = logits
+    return scores if scores is not None else torch.zeros(0, 1)
+
+
+def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8, max_length: int | None = None) -> list[float]:
+    """Raw scalar rewards of a sequence-classification model (its first output), in input order."""
+    return score_outputs(model, tokenizer, conversations, batch_size, max_length)[:, 0].tolist()
+
+
+def read_outputs(rm_dir: Path) -> dict:
+    """A reward model's output layout (`OUTPUTS`); one member and no principles when the file is absent."""
+    path = Path(rm_dir) / OUTPUTS
+    layout = json.loads(path.read_text()) if path.is_file() else {}
+    return {"members": int(layout.get("members", 1)), "principles": layout.get("principles"), "share": layout.get("share", "heads")}
 
 
 class RewardModelScorer:
@@ -67,7 +86,6 @@ class RewardModelScorer:
 
     def __init__(self, rm_dir: str | Path, cache_dir: str | Path, device=None, batch_size: int = 8):
         import torch
-        from transformers import AutoModelForSequenceClassification
 
         from cai.models import default_device, load_tokenizer, resolve_model
 
@@ -79,6 +97,13 @@ class RewardModelScorer:
         self.mean, self.std = float(norm["mean"]), float(norm["std"])
         if not math.isfinite(self.mean) or not (math.isfinite(self.std) and self.std > 0):
             raise CaiError(f"{norm_path}: needs a finite mean and a positive std, got {norm}")
+        layout = read_outputs(rm_dir)
+        self.members, self.principles, self.share = layout["members"], layout["principles"], layout["share"]
+        per_output = norm.get("outputs") or {"mean": [self.mean], "std": [self.std]}
+        self.output_mean = torch.tensor(per_output["mean"], dtype=torch.float32)
+        self.output_std = torch.tensor(per_output["std"], dtype=torch.float32)
+        # The members' disagreement on the SFT model's samples: what the rl stage's monitor compares to.
+        self.baseline_disagreement = norm.get("disagreement")
         scoring = json.loads((rm_dir / SCORING).read_text()) if (rm_dir / SCORING).is_file() else {}
         self.system_prompt = scoring.get("system_prompt")
         self.max_length = scoring.get("max_length")
@@ -88,22 +113,122 @@ class RewardModelScorer:
         resolved = resolve_model(str(rm_dir), cache_dir)
         self.tokenizer = load_tokenizer(resolved, cache_dir)
         self.device = torch.device(device) if device is not None else default_device()
-        self.model = AutoModelForSequenceClassification.from_pretrained(resolved).to(self.device).eval()
+        self.model = load_reward_model(resolved, layout).to(self.device).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        n = self.members * len(self.principles or [None])
+        if self.output_mean.numel() != n:
+            raise CaiError(f"{norm_path}: {self.output_mean.numel()} output offsets for a reward model with {n} outputs")
 
-    def raw(self, prompts: list[str], answers: list[str]) -> list[float]:
-        """Scores before normalisation."""
+    def raw_outputs(self, prompts: list[str], answers: list[str]):
+        """Every output before normalisation: [N, members * principles]."""
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
         if self.templates is None:  # an rm/ made before the answer template was kept beside it
             conversations = [conversation(p, a, self.system_prompt) for p, a in zip(prompts, answers)]
         else:
             conversations = [policy_input(self.templates, p, self.system_prompt, a) for p, a in zip(prompts, answers)]
-        return score_conversations(self.model, self.tokenizer, conversations, self.batch_size, self.max_length)
+        return score_outputs(self.model, self.tokenizer, conversations, self.batch_size, self.max_length)
+
+    def outputs(self, prompts: list[str], answers: list[str]):
+        """Every output, each normalised on the SFT model's samples: [N, K members, P principles] (P = 1 without)."""
+        raw = self.raw_outputs(prompts, answers)
+        return ((raw - self.output_mean) / self.output_std).view(len(answers), self.members, -1)
+
+    def disagreement(self, prompts: list[str], answers: list[str]) -> list[float]:
+        """The members' std of each answer's score (each member's outputs averaged): 0 with one member."""
+        from cai.rl import member_disagreement
+
+        return member_disagreement(self.outputs(prompts, answers).mean(dim=2)).tolist()
+
+    def raw(self, prompts: list[str], answers: list[str]) -> list[float]:
+        """Scores before normalisation: the mean of the raw outputs (the only output, for most reward models)."""
+        return self.raw_outputs(prompts, answers).mean(dim=1).tolist()
 
     def __call__(self, prompts: list[str], answers: list[str]) -> list[float]:
         return [(r - self.mean) / self.std for r in self.raw(prompts, answers)]
+
+
+def load_reward_model(folder: str | Path, layout: dict):
+    """The sequence-classification model of a reward-model folder (its LoRA members, when it has them)."""
+    from transformers import AutoModelForSequenceClassification
+
+    if layout["share"] == "lora" and layout["members"] * len(layout["principles"] or [None]) > 1:
+        members = Path(folder) / "members"
+        return LoraMembers.load(folder, [members / f"m{k}" for k in range(layout["members"])], len(layout["principles"] or [None]))
+    return AutoModelForSequenceClassification.from_pretrained(folder)
+
+
+class LoraMembers:
+    """K reward-model members that are LoRA adapters (each with its own P-output head) on one base model,
+    read as one model with K * P outputs: each call runs the base once per adapter and puts the members'
+    outputs side by side (member k's at k * P ... k * P + P - 1)."""
+
+    def __init__(self, peft_model, names: list[str]):
+        self.peft, self.names = peft_model, names
+        self.config = peft_model.get_base_model().config  # the base's (pad token, num_labels = P per member)
+
+    @classmethod
+    def load(cls, base_folder: str | Path, adapter_dirs: list[Path], principles: int) -> "LoraMembers":
+        """The base model in `base_folder` with the adapters in `adapter_dirs` as members m0, m1, ..., each with
+        a `principles`-output head."""
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        base = AutoModelForSequenceClassification.from_pretrained(str(base_folder), num_labels=principles)
+        model = PeftModel.from_pretrained(base, str(adapter_dirs[0]), adapter_name="m0")
+        for k, folder in enumerate(adapter_dirs[1:], start=1):
+            model.load_adapter(str(folder), adapter_name=f"m{k}")
+        return cls(model, [f"m{k}" for k in range(len(adapter_dirs))])
+
+    def __call__(self, input_ids, attention_mask):
+        import torch
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = []
+        for name in self.names:
+            self.peft.set_adapter(name)
+            logits.append(self.peft(input_ids=input_ids, attention_mask=attention_mask).logits)
+        return SequenceClassifierOutput(logits=torch.cat(logits, dim=1))
+
+    def parameters(self):
+        return self.peft.parameters()
+
+    def to(self, device) -> "LoraMembers":
+        self.peft.to(device)
+        return self
+
+    def eval(self) -> "LoraMembers":
+        self.peft.eval()
+        return self
+
+    def member(self, k: int):
+        """Member k as a plain sequence-classification model (its adapter merged into a copy of the base)."""
+        import copy
+
+        model = copy.deepcopy(self.peft)
+        model.set_adapter(self.names[k])
+        return model.merge_and_unload()
+
+    @staticmethod
+    def save(folder: Path, base_folder: Path, principles: int, adapter_dirs: list[Path], tokenizer) -> None:
+        """A LoRA-members reward model to `folder`: the base (from `base_folder`, with a `principles`-output
+        head its members do not use) and tokenizer, each adapter in `folder/members/mK`."""
+        import shutil
+
+        from transformers import AutoModelForSequenceClassification
+
+        folder, base_folder = Path(folder), Path(base_folder)
+        if folder.resolve() != base_folder.resolve():  # continuing in place: the frozen base is there already
+            base = AutoModelForSequenceClassification.from_pretrained(str(base_folder), num_labels=principles)
+            base.config.pad_token_id = tokenizer.pad_token_id
+            base.save_pretrained(str(folder))
+            tokenizer.save_pretrained(str(folder))
+        for k, source in enumerate(adapter_dirs):
+            target = folder / "members" / f"m{k}"
+            if source.resolve() != target.resolve():
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(source, target)
 
 
 SCORE_OPTIONS = tuple(str(n) for n in range(10))  # "0".."9": prefix-free, one character each

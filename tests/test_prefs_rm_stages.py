@@ -12,6 +12,7 @@ import datasets
 import pytest
 import torch
 
+from cai import reward_training
 from cai.errors import CaiError
 from cai.preferences import check_preference_dataset
 from cai.records import read_jsonl
@@ -182,12 +183,12 @@ def test_soft_label_loss_on_hand_computed_numbers():
     labels = torch.tensor([0.8, 0.5, 1.0])
     log_s1, log_s_1 = math.log(1 / (1 + math.exp(-1))), math.log(1 / (1 + math.exp(1)))
     expected = (-(0.8 * log_s1 + 0.2 * log_s_1) - (0.5 * log_s_1 + 0.5 * log_s1) + math.log(2)) / 3
-    assert rm.soft_label_loss(chosen, rejected, labels).item() == pytest.approx(expected, abs=1e-6)
+    assert reward_training.soft_label_loss(chosen, rejected, labels).item() == pytest.approx(expected, abs=1e-6)
     assert expected == pytest.approx(0.6732235, abs=1e-6)
     # label 1 is TRL's Bradley-Terry loss
     ones = torch.ones(3)
     bt = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
-    assert rm.soft_label_loss(chosen, rejected, ones).item() == pytest.approx(bt.item(), abs=1e-6)
+    assert reward_training.soft_label_loss(chosen, rejected, ones).item() == pytest.approx(bt.item(), abs=1e-6)
 
 
 def test_the_trainer_uses_the_soft_label_loss(tiny_model_dir, tmp_path):
@@ -204,14 +205,14 @@ def test_the_trainer_uses_the_soft_label_loss(tiny_model_dir, tmp_path):
         "label_prob": [0.9, 0.6],
     })
     args = RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to="none", bf16=False, max_steps=1)
-    trainer = rm.soft_label_trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer = reward_training.soft_label_trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     assert batch["label_prob"].tolist() == pytest.approx([0.9, 0.6])
     model.eval()
     loss = trainer.compute_loss(model, dict(batch))
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
-    expected = rm.soft_label_loss(logits[:2], logits[2:], torch.tensor([0.9, 0.6]))
+    expected = reward_training.soft_label_loss(logits[:2], logits[2:], torch.tensor([0.9, 0.6]))
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
@@ -261,6 +262,36 @@ def test_end_to_end_prefs_then_rm(prefs_run, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["loss"] == "hard Bradley-Terry"
 
 
+def test_a_reward_model_is_trained_further_from_a_finished_one(prefs_run, tmp_path):
+    """`train_reward_model` continues from an rm/ folder (its weights and head) as the rl stage's rounds
+    call it, or starts afresh from sft/; the result is a reward model RewardModelScorer reads."""
+    from transformers import AutoModelForSequenceClassification
+
+    from cai.rewards import RewardModelScorer
+
+    make_cfg = copy_run(prefs_run[2], tmp_path / "run", ("sl", "sft", "prefs"))
+    cfg = make_cfg("rm.eval_fraction=0")
+    run_dir = Path(cfg.output_dir)
+    first = rm.run(cfg)
+    dataset = datasets.load_from_disk(str(run_dir / "prefs" / "dataset"))
+    samples = [(s["prompt"], a) for s in read_jsonl(run_dir / "prefs" / "samples.jsonl") for a in s["answers"] if a.strip()]
+    tiny = make_cfg("rm.eval_fraction=0", "rm.learning_rate=1e-9", "rm.epochs=1")  # a step that barely moves anything
+    metrics = reward_training.train_reward_model(tiny, dataset.select(range(4)), tmp_path / "again", start_from=first,
+                                                 normalize_on=samples)
+    assert metrics["steps"] >= 1 and metrics["started_from"] == str(first)
+
+    def head(folder):
+        return AutoModelForSequenceClassification.from_pretrained(folder).score.weight
+
+    continued, rm_head = head(tmp_path / "again"), head(first)
+    assert torch.allclose(continued, rm_head, atol=1e-6)  # the reward model's own head, not a fresh one
+    fresh = reward_training.train_reward_model(tiny, dataset.select(range(4)), tmp_path / "fresh", start_from=run_dir / "sft",
+                                               normalize_on=samples)
+    assert fresh["started_from"] == str(run_dir / "sft") and not torch.allclose(head(tmp_path / "fresh"), rm_head, atol=1e-3)
+    scores = RewardModelScorer(tmp_path / "again", cfg.cache_dir)([p for p, _ in samples], [a for _, a in samples])
+    assert abs(sum(scores) / len(scores)) < 1e-3  # normalised on the samples given
+
+
 def test_reward_model_held_out_pairs_are_split_by_prompt():
     """Several pairs per prompt (more than two samples per prompt): a prompt's pairs are all held out or
     all trained on, so held-out accuracy is measured on unseen prompts."""
@@ -271,9 +302,9 @@ def test_reward_model_held_out_pairs_are_split_by_prompt():
         "rejected": [[{"role": "assistant", "content": "no"}] for _ in rows],
     })
     for seed in range(5):
-        train, held_out = rm.split_dataset(dataset, 0.25, seed)
+        train, held_out = reward_training.split_dataset(dataset, 0.25, seed)
         train_prompts = {r["prompt"][0]["content"] for r in train}
         held_prompts = {r["prompt"][0]["content"] for r in held_out}
         assert held_prompts and not train_prompts & held_prompts
         assert len(train) + len(held_out) == len(dataset) and len(held_out) == 9  # 3 prompts x 3 pairs
-    assert len(rm.split_dataset(dataset, 0.0, 0)[1]) == 0
+    assert len(reward_training.split_dataset(dataset, 0.0, 0)[1]) == 0

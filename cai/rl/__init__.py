@@ -4,9 +4,20 @@ Order of use in one PPO step (Ziegler et al. 2019; Ouyang et al. 2022; Huang et 
 truncate_after_eos -> logprobs_from_logits -> score_unfinished / clip_rewards ->
 kl_penalty_per_token -> shaped_rewards -> (masked_whiten rewards) -> gae -> masked_whiten advantages
 -> policy_loss + value_loss; the KL controller updates beta once per batch.
+A reward model with several outputs (ensemble members, principles) is reduced to the score by
+combine_principles -> combine_members; constraints enter by lagrangian_mix, their multipliers move by
+update_multipliers once per batch.
 """
 
 from cai.rl.advantages import GAEOutput, gae, gae_reference
+from cai.rl.constraints import LagrangeState, constraint_means, lagrangian_mix, update_multipliers
+from cai.rl.ensemble import (
+    EnsembleCombine,
+    combine_members,
+    combine_principles,
+    member_disagreement,
+    normalize_over_batch,
+)
 from cai.rl.kl import (
     AdaptiveKLController,
     FixedKLController,
@@ -27,28 +38,37 @@ from cai.rl.stats import masked_mean, masked_var, masked_whiten
 
 __all__ = [
     "AdaptiveKLController",
+    "EnsembleCombine",
     "FixedKLController",
     "GAEOutput",
     "KLController",
     "KLEstimator",
+    "LagrangeState",
     "PolicyLossOutput",
     "TruncatedResponses",
     "ValueLossOutput",
     "clip_rewards",
+    "combine_members",
+    "combine_principles",
+    "constraint_means",
     "distinct_token_ngrams",
     "entropy_from_logits",
     "explained_variance",
     "gae",
     "gae_reference",
     "kl_penalty_per_token",
+    "lagrangian_mix",
     "logprobs_from_logits",
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "member_disagreement",
+    "normalize_over_batch",
     "pearson",
     "policy_loss",
     "score_unfinished",
     "shaped_rewards",
     "truncate_after_eos",
+    "update_multipliers",
     "value_loss",
 ]

@@ -12,7 +12,8 @@
    served name (`eval.served_models`), and only scored here: the log-probabilities come from a
    forward pass in this process, as OpenAI-compatible servers do not all score a given text. A model
    whose weights are not here (a hub model served remotely) gets a null `logp`, and its KL is n/a.
-3. Reward-model scores of every answer (skipped, and said so, when `rm/` is missing).
+3. Reward-model scores of every answer (skipped, and said so, when `rm/` is missing); with an ensemble
+   reward model (`rm.ensemble`), its members' disagreement on each model's answers, a hacking monitor.
    b. The over-optimisation curve (Gao et al. 2022): each policy snapshot the RL stage kept
       (`rl.keep_snapshots`, every `rl.checkpoint_every` steps) answers the eval prompts too; the proxy
       (reward-model score) and the gold (the checks' compliance) of each against its KL to the SL-CAI
@@ -87,7 +88,7 @@ def eval_prompts(cfg: Config) -> list[tuple[Prompt, str]]:
         shared = training_overlap(splits, prompts)
         if shared:
             print(f"[eval] warning: {path}: {len(shared)} of its {len(prompts)} prompts are in the training splits "
-                  f"(sl/prefs/rl), so they are not held out; e.g. {shared[0].text[:60]!r}")
+                  f"(sl/prefs/rl, or val, which selects the RL snapshot), so they are not held out; e.g. {shared[0].text[:60]!r}")
         sets.append((Path(path).name, prompts))
     seen, out = set(), []
     for name, prompts in sets:
@@ -275,11 +276,11 @@ def snapshot_sources(cfg: Config) -> dict[str, str]:
 
 
 def curve_snapshots(cfg: Config, constitution) -> dict[str, str]:
-    """The RL snapshots the over-optimisation curve samples: none without rl among eval.models, a
-    finished reward model (the proxy) or a check (the gold)."""
+    """The RL snapshots the over-optimisation curve samples: none without rl among eval.models or a
+    check (the gold). Without a finished reward model (DPO) the proxy is left out."""
     from cai.checks import distinct_checks
 
-    if "rl" not in cfg.eval.models or not is_current(cfg, "rm") or not distinct_checks(constitution):
+    if "rl" not in cfg.eval.models or not distinct_checks(constitution):
         return {}
     return snapshot_sources(cfg)
 
@@ -289,26 +290,32 @@ def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: d
     snapshot and the final policy, against their KL to the SL-CAI reference (Gao et al. 2022).
 
     The snapshots answer the eval prompts like the compared models (their answers are kept in
-    `path`, so a resumed run asks nothing twice). None when there is no snapshot, no reward model or
-    no check to score by.
+    `path`, so a resumed run asks nothing twice). None when there is no snapshot or no check to score
+    by; the proxy is None without a reward model. A snapshot of the final step (rl.rounds,
+    rl.select_by) stands for the final policy, and the snapshot rl/ kept (rl/selection.json) is marked.
     """
     from cai.checks import compliance, distinct_checks
 
     snapshots = curve_snapshots(cfg, constitution)
     checks = distinct_checks(constitution)
-    if not snapshots or not rewards:
+    if not snapshots:
         return None
     write_answers(cfg, templates, snapshots, prompts, path, [], path.with_suffix(".unused"))
     rows = {(r["model"], r["id"]): r for r in read_jsonl(path)}
     from cai.rewards import RewardModelScorer
 
-    scorer = RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir)
+    scorer = RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir) if rewards else None
+    selection = stage_dir(cfg, "rl") / "selection.json"
+    kept = json.loads(selection.read_text())["kept"] if selection.exists() else None
+    models = ["sft", *snapshots] + ([] if kept or f"rl@step-{cfg.rl.steps}" in snapshots else ["rl"])
     points = []
-    for model in ["sft", *snapshots, "rl"]:
+    for model in models:
         mine = [(p, rows[model, p.id] if model in snapshots else answer_rows.get((model, p.id))) for p, _ in prompts]
         if any(r is None for _, r in mine):
             continue
-        if model in snapshots:
+        if scorer is None:
+            proxy = None
+        elif model in snapshots:
             proxy = scorer([p.text for p, _ in mine], [r["answer"] for _, r in mine])
         else:
             proxy = [rewards[model, p.id] for p, _ in mine]
@@ -316,7 +323,8 @@ def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: d
         gold = [float(compliance(checks, p.text, r["answer"], p.kind)["complies"]) for p, r in mine]
         step = 0 if model == "sft" else (cfg.rl.steps if model == "rl" else int(model.split("-")[1]))
         points.append({"model": model, "step": step, "kl": sum(kl) / len(kl) if kl else None,
-                       "proxy": sum(proxy) / len(proxy), "gold": sum(gold) / len(gold), "n": len(mine)})
+                       "proxy": sum(proxy) / len(proxy) if proxy else None, "gold": sum(gold) / len(gold), "n": len(mine),
+                       **({"kept": model == kept} if kept else {})})
     del scorer
     gc.collect()
     return points
@@ -399,8 +407,8 @@ def run(cfg: Config) -> Path:
     answer_rows = {(r["model"], r["id"]): r for r in read_jsonl(answers_path)}
     answers = {key: r["answer"] for key, r in answer_rows.items()}
 
-    # 3. Reward-model scores.
-    rewards, reward_note = None, None
+    # 3. Reward-model scores (and, for an ensemble, its members' disagreement on each model's answers).
+    rewards, reward_note, disagreement = None, None, {}
     if is_current(cfg, "rm"):
         from cai.rewards import RewardModelScorer
 
@@ -409,6 +417,9 @@ def run(cfg: Config) -> Path:
         for m in sources:
             scores = scorer([p.text for p, _ in prompts], [answers[m, p.id] for p, _ in prompts])
             rewards.update({(m, p.id): s for (p, _), s in zip(prompts, scores)})
+            if scorer.members > 1:  # an ensemble: how much its members disagree on this model's answers
+                spread = scorer.disagreement([p.text for p, _ in prompts], [answers[m, p.id] for p, _ in prompts])
+                disagreement[m] = sum(spread) / len(spread)
         del scorer
         gc.collect()
     else:
@@ -477,6 +488,8 @@ def run(cfg: Config) -> Path:
 
     metrics["red_team_attacks"] = attack_success(constitution, prompts, answers, grades, list(sources),
                                                  dict(resamples=cfg.eval.bootstrap, level=cfg.eval.confidence, seed=cfg.seed))
+    if disagreement:
+        metrics["reward_disagreement"] = disagreement
     atomic_write_json(stage.path / "metrics.json", metrics)
     atomic_write_text(stage.path / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 

@@ -19,6 +19,9 @@ One PPO step, on every process:
     top-k/top-p, and every processor the model's generation_config would add switched off;
  2. truncate each answer after its first EOS;
  3. score the answers (answers that never end get `rl.unfinished_score`, -1 by default; scores are clipped);
+    a reward model with several outputs is read as rl.* says (principles summed, ensemble members
+    combined: mean, mean - coef x std or worst case); each of `rl.constraints` is mixed in by its Lagrange
+    multiplier, which then moves with how far this batch is from its bound (Safe-RLHF);
  4. old log-probs, reference log-probs (both from logits / temperature) and values from forward passes;
     per-token rewards: -beta * KL(policy || reference) on every token, the score on the last;
  5. values and GAE advantages and returns;
@@ -26,10 +29,19 @@ One PPO step, on every process:
  7. PPO epochs over shuffled minibatches: clipped policy loss + clipped value loss, gradient
     accumulation (gradients synchronised across processes on the last micro-batch only) and clipping;
  8. update the KL controller with the measured KL;
- 9. log (rl/metrics.jsonl, accelerate's trackers) and check the reward-hacking monitors;
+ 9. log (rl/metrics.jsonl, accelerate's trackers) and check the reward-hacking monitors (among them the
+    ensemble members' disagreement, which grows where the policy leaves the reward model's ground);
 10. checkpoint every `rl.checkpoint_every` steps; a killed run resumes from the last checkpoint.
 Then the final policy is saved to `rl/` (merged when LoRA, adapter in `rl/adapter/`) and answers a few
 eval-split prompts for the report (`rl/samples.jsonl`).
+
+Around the steps (cai/rounds.py, cai/selection.py):
+- Rounds of AI feedback (`rl.rounds`): the steps are cut into rounds; before each round after the first,
+  the current policy's answers are labeled by the choice labeler and the reward model is updated on every
+  label so far; PPO goes on from the current policy, optimizer and value model, the KL penalty still to the
+  SL-CAI model. A checkpoint and a snapshot are kept at the end of each round.
+- Keeping the best snapshot (`rl.select_by=validation`): eval.judge scores every snapshot on the val split
+  and the best is copied into `rl/`.
 """
 
 from __future__ import annotations
@@ -47,8 +59,10 @@ from cai.config import Config
 from cai.errors import CaiError
 from cai.checks import refuses as is_refusal
 from cai.models import mixed_precision, sampling_kwargs
-from cai.policy_models import build_models, check_reward, load_reward_fn, sample_for_report, score
+from cai.policy_models import PPOReward, build_models, check_reward, load_reward_fn, sample_for_report
 from cai.records import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
+from cai.rounds import check_rounds, ppo_round, round_at, round_bounds, round_ends, summarize_rounds
+from cai.selection import check_selection, select_snapshot, selection_stale
 from cai.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -167,7 +181,7 @@ def save_snapshot(policy, tokenizer, folder: Path, step: int) -> None:
 # One PPO step
 
 
-def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokenizer, batch, reward_fn) -> dict:
+def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokenizer, batch, reward: PPOReward) -> dict:
     rl, unwrapped, device = cfg.rl, accelerator.unwrap_model(model), accelerator.device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     micro = rl.minibatch_size // rl.grad_accum
@@ -193,11 +207,18 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
     answer_tokens = [row[m].tolist() for row, m in zip(responses, mask)]
     answers = tokenizer.batch_decode(answer_tokens, skip_special_tokens=True)
 
-    # 3. Score: the reward on the text; unfinished answers get rl.unfinished_score; clip.
-    raw = score(reward_fn, [b[0] for b in batch], [a.strip() for a in answers]).to(device)
+    # 3. Score: the reward on the text (several outputs combined); unfinished answers get
+    #    rl.unfinished_score; clip; the constraints mixed in by their multipliers, which then move.
+    prompts, texts, kinds = [b[0] for b in batch], [a.strip() for a in answers], [b[2] for b in batch]
+    scored = reward.score(prompts, texts, kinds)
+    raw = scored.reward.to(device)
     scores = score_unfinished(raw, ended, rl.unfinished_score)
     if rl.reward_clip is not None:
         scores = clip_rewards(scores, rl.reward_clip)
+    reward_logs = reward.logs(scored, prompts, kinds, accelerator.gather, device)
+    if reward.constraints is not None:
+        scores, constraint_logs = reward.constraints.step(scores, prompts, texts, kinds, scored.principles, accelerator.gather, device)
+        reward_logs.update(constraint_logs)
 
     # 4. Old log-probs, entropy and values from the forward pass the PPO epochs repeat (so the first
     #    ratio is 1 whatever the sampler's numerics), reference log-probs; all from logits / temperature.
@@ -276,12 +297,26 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
         "distinct_2": distinct_token_ngrams(tokens_all, 2),
         # over-refusal is the usual way a harmlessness reward is hacked; counted as eval's refusal markers are
         "refusal_rate_helpful": sum(map(is_refusal, helpful)) / len(helpful) if helpful else 0.0,
+        **reward_logs,
         "episodes": int(gathered.shape[0]),
         "seconds": time.perf_counter() - started,
     }
     metrics["tokens_per_second"] = float(gathered[:, 2].sum()) / metrics["seconds"]
     metrics["warnings"] = monitor_warnings(cfg, metrics)
     return metrics
+
+
+def step_extras(m: dict) -> str:
+    """The console line's tail: the ensemble's disagreement, each constraint as measured, its bound and multiplier."""
+    parts = []
+    if "reward_disagreement" in m:
+        parts.append(f"disagreement {m['reward_disagreement']:.3f}")
+    for key in (k for k in m if k.startswith("multiplier/")):
+        name = key.split("/", 1)[1]
+        measured = m.get(f"constraint/{name}")
+        parts.append(f"{name} {'n/a' if measured is None else format(measured, '.2f')} (bound {m[f'bound/{name}']:g}, "
+                     f"lambda {m[key]:.3f})")
+    return "".join(f" | {p}" for p in parts)
 
 
 def monitor_warnings(cfg: Config, m: dict) -> list[str]:
@@ -292,6 +327,9 @@ def monitor_warnings(cfg: Config, m: dict) -> list[str]:
         out.append(f"distinct-2 = {m['distinct_2']:.2f} < rl.min_distinct_2 {rl.min_distinct_2}: answers repeat themselves")
     if m["refusal_rate_helpful"] > rl.max_refusal_rate:
         out.append(f"refusal rate on helpful prompts = {m['refusal_rate_helpful']:.2f} > rl.max_refusal_rate {rl.max_refusal_rate}")
+    if m.get("reward_disagreement_ratio", 0.0) > rl.max_disagreement:
+        out.append(f"the reward ensemble's members disagree {m['reward_disagreement_ratio']:.1f}x as much as on the SFT model's "
+                   f"answers (> rl.max_disagreement {rl.max_disagreement:g}): the policy is where the reward model has not been")
     if rl.unfinished_score is not None and m["ended_frac"] < 0.5:
         # Every cut answer scores the same penalty: with most answers cut, the reward carries little signal.
         out.append(f"only {m['ended_frac']:.0%} of answers ended within {rl.max_new_tokens or cfg.policy.max_new_tokens} "
@@ -317,6 +355,10 @@ def run(cfg: Config) -> Path:
     check_reward(cfg)
     check_batch_sizes(cfg)
     check_tracker(cfg.rl.log_with)
+    check_rounds(cfg)
+    if cfg.rl.select_by == "validation" and not cfg.rl.keep_snapshots and cfg.rl.rounds == 1:
+        raise CaiError("rl.select_by=validation chooses among snapshots: set rl.keep_snapshots=true (or rl.rounds > 1)")
+    check_selection(cfg)
     tokenizer = load_tokenizer(str(sft_dir), cfg.cache_dir)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise CaiError(f"{sft_dir}: the tokenizer pads with EOS; PPO needs a pad token distinct from EOS")
@@ -327,18 +369,22 @@ def run(cfg: Config) -> Path:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=mixed_precision(cfg.policy.dtype, default_device()),
-        log_with=None if cfg.rl.log_with == "none" else cfg.rl.log_with,
-        project_dir=str(stage_dir(cfg, "rl")),
-    )
+    settings = dict(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.policy.dtype, default_device()),
+                    project_dir=str(stage_dir(cfg, "rl")))
+    accelerator = Accelerator(**settings, log_with=None if cfg.rl.log_with == "none" else cfg.rl.log_with)
+    if accelerator.num_processes > 1 and cfg.rl.rounds > 1:
+        raise CaiError("rl.rounds > 1 labels and trains the reward model between rounds in one process; "
+                       "run it without accelerate launch (or with --num_processes 1)")
     prompts = rl_prompts(cfg, tokenizer)
 
-    holder: list[Stage | None] = [open_stage(cfg, "rl", uses_labeler=("choices",) if cfg.rl.reward == "direct" else ()) if accelerator.is_main_process else None]
+    labelers = (("choices",) if cfg.rl.reward == "direct" or cfg.rl.rounds > 1 else ()) + (("judge",) if cfg.rl.select_by == "validation" else ())
+    holder: list[Stage | None] = [open_stage(cfg, "rl", uses_labeler=labelers) if accelerator.is_main_process else None]
     accelerator.wait_for_everyone()
     stage = broadcast_object_list(holder)[0]
     if stage.done:
+        if accelerator.is_main_process and selection_stale(cfg, stage.path):  # eval.judge changed since it chose
+            print("[rl] eval.judge changed since the snapshot was chosen: choosing again")
+            select_snapshot(cfg, stage.path)
         return stage.path
 
     # Models, optimizer, KL controller; the reward.
@@ -352,7 +398,8 @@ def run(cfg: Config) -> Path:
     rl = cfg.rl
     kl_ctl = AdaptiveKLController(rl.kl_coef, rl.target_kl, rl.kl_horizon) if rl.adaptive_kl else FixedKLController(rl.kl_coef)
     progress = Progress()
-    accelerator.register_for_checkpointing(kl_ctl, progress)
+    reward = PPOReward(cfg, reward_fn)  # several outputs combined; rl.constraints and their multipliers
+    accelerator.register_for_checkpointing(kl_ctl, progress, *([reward.constraints] if reward.constraints else []))
 
     # Resume from the last checkpoint; the metrics of steps after it are dropped (they are redone).
     checkpoints = stage.path / "checkpoints"
@@ -369,32 +416,55 @@ def run(cfg: Config) -> Path:
 
     global_batch = rl.batch_size * accelerator.num_processes
     history = read_jsonl(metrics_path) if accelerator.is_main_process else []
+    bounds, current_round = round_bounds(rl.steps, rl.rounds), 1
+
+    def next_round(k: int) -> tuple:
+        """A round of AI feedback: the current policy's pairs labeled, the reward model updated (done once;
+        a finished round's reward model is read). Its training (TRL's trainer) resets accelerate's
+        process-wide state; PPO's is set back after. (The reward function, PPO's reading of it with the
+        constraints and their multipliers carried on.)"""
+        fn = ppo_round(cfg, stage.path, stage.fingerprint, k, accelerator.unwrap_model(model).policy, tokenizer,
+                       lambda folder: load_reward_fn(cfg, accelerator.device, folder)[0])
+        restore_accelerate_state(settings)
+        updated = PPOReward(cfg, fn)
+        updated.constraints = reward.constraints  # the object accelerate checkpoints
+        return fn, updated
+
+    if round_at(bounds, min(progress.step, rl.steps - 1)) > 1:  # resumed in a later round
+        current_round = round_at(bounds, min(progress.step, rl.steps - 1))
+        reward_fn, reward = next_round(current_round)
     with JsonlWriter(metrics_path) if accelerator.is_main_process else contextlib.nullcontext() as writer:
         while progress.step < rl.steps:
             step = progress.step
+            if round_at(bounds, step) != current_round:
+                current_round = round_at(bounds, step)
+                reward_fn, reward = next_round(current_round)
             rows = batch_for_step(prompts, step, global_batch, cfg.seed)
             rank = accelerator.process_index
             m = ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokenizer,
-                         rows[rank * rl.batch_size : (rank + 1) * rl.batch_size], reward_fn)
+                         rows[rank * rl.batch_size : (rank + 1) * rl.batch_size], reward)
             progress.step = step + 1
 
             # 9. Log.
-            accelerator.log({k: v for k, v in m.items() if k not in ("step", "warnings")}, step=m["step"])
+            accelerator.log({k: v for k, v in m.items() if k not in ("step", "warnings") and v is not None}, step=m["step"])
             if accelerator.is_main_process:
                 writer.write(m)
                 history.append(m)
                 print(f"[rl] step {m['step']}/{rl.steps} reward {m['reward_mean']:+.3f}±{m['reward_std']:.3f} "
                       f"kl {m['kl']:.3f} beta {m['kl_coef']:.4f} entropy {m['entropy']:.2f} "
                       f"clip {m['clip_frac']:.2f} vf {m['value_loss']:.3f} ev {m['explained_variance']:+.2f} "
-                      f"len {m['answer_length']:.1f} ({m['seconds']:.1f}s)")
+                      f"len {m['answer_length']:.1f} ({m['seconds']:.1f}s)" + step_extras(m))
                 for warning in m["warnings"]:
                     print(f"[rl] warning: step {m['step']}: {warning}")
 
             # 10. Checkpoint; with rl.keep_snapshots, the policy at this step is kept for the eval's
-            # over-optimisation curve (rl/snapshots/step-N).
-            if progress.step % rl.checkpoint_every == 0 and progress.step < rl.steps:
+            # over-optimisation curve (rl/snapshots/step-N). The end of a round is always both: the next
+            # round's feedback resumes from it, and eval scores each round. With rl.select_by=validation the
+            # final policy is both too: it is a candidate, and a kill while choosing resumes there.
+            ends, last = round_ends(bounds), progress.step == rl.steps
+            if (progress.step % rl.checkpoint_every == 0 or progress.step in ends) and not last or last and rl.select_by == "validation":
                 save_checkpoint(accelerator, checkpoints, progress.step)
-                if rl.keep_snapshots and accelerator.is_main_process:
+                if accelerator.is_main_process and (rl.keep_snapshots or progress.step in ends or last):
                     save_snapshot(accelerator.unwrap_model(model).policy, tokenizer, stage.path / "snapshots", progress.step)
 
     # Every rank must hold the same weights: record a checksum per process.
@@ -403,7 +473,7 @@ def run(cfg: Config) -> Path:
     checksums = [float(x) for x in accelerator.gather(torch.tensor([checksum], dtype=torch.float64, device=accelerator.device))]
     summary = None
     if accelerator.is_main_process:
-        summary = save_and_report(cfg, stage, unwrapped.policy, tokenizer, reward_fn, history, kl_ctl, checksums)
+        summary = save_and_report(cfg, stage, unwrapped.policy, tokenizer, reward_fn, history, kl_ctl, checksums, bounds)
     accelerator.wait_for_everyone()  # no process leaves while the main one still saves
     accelerator.end_training()
     if torch.distributed.is_initialized():
@@ -413,11 +483,45 @@ def run(cfg: Config) -> Path:
         torch.distributed.destroy_process_group()
     if summary is None:
         return stage.path
+    kept = ""
+    if rl.select_by == "validation":  # the main process alone, the process group gone
+        selection = select_snapshot(cfg, stage.path)
+        kept = f", kept {selection['kept']}"
+        if selection["step"] != rl.steps:  # rl/ now holds an earlier snapshot: its answers for the report
+            shutil.rmtree(stage.path / "adapter", ignore_errors=True)  # the final policy's (merged, it is in snapshots/)
+            from cai.models import load_causal_lm
+
+            sample_for_report(cfg, load_causal_lm(str(stage.path), cfg.cache_dir, dtype=torch.float32), tokenizer, reward_fn, stage.path)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return stage.finish(f"{rl.steps} PPO steps, reward {summary['reward_first']:+.3f} -> {summary['reward_last']:+.3f}, "
-                        f"KL {summary['kl_trajectory'][-1]:.3f}")
+                        f"KL {summary['kl_trajectory'][-1]:.3f}{kept}")
 
 
-def save_and_report(cfg, stage, policy, tokenizer, reward_fn, history, kl_ctl, checksums) -> dict:
+def restore_accelerate_state(settings: dict) -> None:
+    """Set accelerate's process-wide state back to PPO's after a TRL trainer reset it to its own (its
+    gradient accumulation, or a `sync_gradients` left false, would silently change PPO's steps)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    Accelerator(**settings)
+
+
+def reward_trajectories(history: list[dict]) -> dict:
+    """The ensemble's disagreement, and each constraint's bound, measure and multiplier, step by step."""
+    out: dict = {}
+    if "reward_disagreement" in history[-1]:
+        out["disagreement_trajectory"] = [round(h["reward_disagreement"], 4) for h in history]
+    names = [k.split("/", 1)[1] for k in history[-1] if k.startswith("multiplier/")]
+    if names:
+        out["constraints"] = {name: {"bound": history[-1][f"bound/{name}"],
+                                     "measured": [h.get(f"constraint/{name}") for h in history],
+                                     "multiplier": [round(h[f"multiplier/{name}"], 4) for h in history]} for name in names}
+    return out
+
+
+def save_and_report(cfg, stage, policy, tokenizer, reward_fn, history, kl_ctl, checksums, bounds) -> dict:
     """Save the final policy (merged when LoRA, the adapter too), sample from it, write metrics.json."""
     if cfg.rl.lora:
         policy.save_pretrained(str(stage.path / "adapter"), selected_adapters=["default"])
@@ -436,9 +540,12 @@ def save_and_report(cfg, stage, policy, tokenizer, reward_fn, history, kl_ctl, c
         "samples": sample_for_report(cfg, policy, tokenizer, reward_fn, stage.path),
         "rank_param_checksums": checksums,
         "warnings": sum(len(h["warnings"]) for h in history),
+        **reward_trajectories(history),
     }
+    if cfg.rl.rounds > 1:
+        summary["rounds"] = summarize_rounds(stage.path, bounds, history)
+        atomic_write_json(stage.path / "rounds.json", summary["rounds"])
     atomic_write_json(stage.path / "metrics.json", summary)
-    shutil.rmtree(stage.path / "checkpoints", ignore_errors=True)
     print("[rl] reward trajectory: " + " ".join(f"{x:+.2f}" for x in summary["reward_trajectory"]))
     print("[rl] KL trajectory:     " + " ".join(f"{x:.2f}" for x in summary["kl_trajectory"]))
     return summary

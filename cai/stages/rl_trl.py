@@ -23,6 +23,8 @@ from cai.config import Config
 from cai.errors import CaiError
 from cai.policy_models import check_reward, load_reward_fn, sample_for_report
 from cai.records import atomic_write_json
+from cai.rounds import check_rounds, label_policy, open_round, round_bounds, round_metrics, summarize_rounds
+from cai.selection import check_selection, select_snapshot, selection_stale
 from cai.stages import open_stage, require_done
 from cai.training import check_tracker, device_arguments, last_checkpoint, lora_config
 
@@ -58,6 +60,12 @@ def dpo_dataset(cfg: Config):
     missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
     if missing:
         raise CaiError(f"{prefs_dir / 'dataset'} lacks the columns {sorted(missing)}")
+    return dpo_pairs(cfg, dataset)
+
+
+def dpo_pairs(cfg: Config, dataset):
+    """(the pairs DPO trains on, label smoothing): `dataset` oriented so that chosen is the preferred
+    answer, pairs below rl.dpo_min_label_prob dropped; (None, None) when none is left."""
     if "label_prob" not in dataset.column_names:
         dataset = dataset.add_column("label_prob", [1.0] * len(dataset))
 
@@ -68,7 +76,7 @@ def dpo_dataset(cfg: Config):
 
     dataset = dataset.map(orient).filter(lambda row: row["label_prob"] >= cfg.rl.dpo_min_label_prob)
     if len(dataset) == 0:
-        raise CaiError(f"no preference pair has label_prob >= rl.dpo_min_label_prob ({cfg.rl.dpo_min_label_prob})")
+        return None, None
     smoothing = cfg.rl.dpo_label_smoothing
     if smoothing is None:
         smoothing = min(max(1.0 - sum(dataset["label_prob"]) / len(dataset), 0.0), 0.49)
@@ -125,13 +133,26 @@ def run(cfg: Config) -> Path:
     if rl.algorithm in ("grpo", "rloo"):
         check_reward(cfg)
 
+    check_rounds(cfg)
+    check_selection(cfg)
+    if rl.rounds > 1 and rl.lora:
+        raise CaiError("rl.rounds > 1 with rl.algorithm=dpo trains all weights: set rl.lora=false")
+    if rl.select_by == "validation" and rl.rounds == 1:
+        raise CaiError("rl.select_by=validation chooses among snapshots: dpo keeps one at the end of each round (set rl.rounds > 1)")
+
     # 1. Data.
     if rl.algorithm == "dpo":
         dataset, smoothing = dpo_dataset(cfg)
+        if dataset is None and rl.rounds == 1:  # with rounds, the next round's pairs may separate
+            raise CaiError(f"no preference pair has label_prob >= rl.dpo_min_label_prob ({rl.dpo_min_label_prob})")
     else:
         dataset = prompt_dataset(cfg)
-    stage = open_stage(cfg, "rl", uses_labeler=("choices",) if cfg.rl.reward == "direct" else ())
+    labelers = (("choices",) if cfg.rl.reward == "direct" or rl.rounds > 1 else ()) + (("judge",) if rl.select_by == "validation" else ())
+    stage = open_stage(cfg, "rl", uses_labeler=labelers)
     if stage.done:
+        if selection_stale(cfg, stage.path):  # eval.judge changed since it chose
+            print("[rl] eval.judge changed since the snapshot was chosen: choosing again")
+            select_snapshot(cfg, stage.path)
         return stage.path
 
     # 2. The trainer, configured from cfg.rl; float32 master weights, bf16 compute where policy.dtype
@@ -140,9 +161,11 @@ def run(cfg: Config) -> Path:
 
     from cai.models import load_causal_lm, load_tokenizer, sampling_kwargs
 
+    tokenizer = load_tokenizer(str(sft_dir), cfg.cache_dir)
+    if rl.rounds > 1:
+        return dpo_rounds(cfg, stage, sft_dir, tokenizer)
     model = load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=torch.float32)
     model.train()
-    tokenizer = load_tokenizer(str(sft_dir), cfg.cache_dir)
     checkpoints = stage.path / "checkpoints"
     peft_config = lora_config(rl, "CAUSAL_LM")
     reward_fn = None
@@ -203,3 +226,90 @@ def run(cfg: Config) -> Path:
     rewards = [e.get("reward") for e in logs if e.get("reward") is not None]
     trend = f", reward {rewards[0]:+.3f} -> {rewards[-1]:+.3f}" if rewards else ""
     return stage.finish(f"{rl.algorithm}, {result.global_step} steps, loss {result.training_loss:.3f}{trend}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Iterated DPO (rl.rounds > 1; cai/rounds.py)
+
+
+def dpo_rounds(cfg: Config, stage, sft_dir: Path, tokenizer) -> Path:
+    """DPO in rounds, each against the SL-CAI reference: round 1 on prefs/dataset (the SL-CAI model's
+    pairs), each later round on the current policy's own pairs, labeled by the choice labeler. A round
+    trains for its share of rl.steps with a fresh optimizer; its policy is kept as rl/snapshots/step-N,
+    the next round samples from it, and a killed run resumes from the last finished round (a round in
+    progress from its trainer checkpoint, its labels from disk)."""
+    import time
+
+    import datasets
+    import torch
+    from trl import DPOConfig, DPOTrainer
+
+    from cai.constitution import load_constitution
+    from cai.models import load_causal_lm
+    from cai.pairs import preference_rows
+    from cai.records import mark_done, read_jsonl
+    from cai.templates import Templates
+
+    rl = cfg.rl
+    bounds = round_bounds(rl.steps, rl.rounds)
+    reference = load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=cfg.policy.dtype).requires_grad_(False)
+    model, logs = None, []
+    for k, (start, end) in enumerate(bounds, 1):
+        folder, fingerprint, done = open_round(stage.path, k, stage.fingerprint)
+        snapshot = stage.path / "snapshots" / f"step-{end}"
+        if done:
+            continue
+        if model is None:  # the policy the round starts from: the SL-CAI model, or the last finished round's
+            model = load_causal_lm(str(sft_dir if k == 1 else stage.path / "snapshots" / f"step-{start}"), cfg.cache_dir,
+                                   dtype=torch.float32)
+        started = time.time()
+        if k == 1:
+            records, skipped = read_jsonl(require_done(cfg, "prefs", "rl") / "records.jsonl"), {}
+            dataset, smoothing = dpo_dataset(cfg)
+        else:
+            print(f"[rl] round {k}: the policy's own answers, labeled by the choice labeler")
+            records, skipped = label_policy(cfg, k, folder, model, tokenizer, load_constitution(cfg.constitution))
+            rows = preference_rows(records, Templates(cfg.templates), cfg.policy.system_prompt)
+            dataset, smoothing = dpo_pairs(cfg, datasets.Dataset.from_list(rows)) if rows else (None, None)
+        trained = {"dpo_pairs": 0, "train_loss": None, "steps": 0}
+        if dataset is None:  # nothing to learn from: the policy goes on to the next round as it is
+            print(f"[rl] round {k}: no pair with label_prob >= rl.dpo_min_label_prob ({rl.dpo_min_label_prob}); not trained")
+        else:
+            model.train()
+            loss = rl.dpo_soft_loss if smoothing > 0 else "sigmoid"
+            args = DPOConfig(**{**common_args(cfg, folder / "checkpoints"), "max_steps": end - start}, beta=rl.dpo_beta,
+                             label_smoothing=smoothing, loss_type=[loss])
+            trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer)
+            print(f"[rl] round {k}: dpo ({loss} loss) on {len(dataset)} pairs for steps {start + 1}-{end}, label smoothing {smoothing:.3f}")
+            result = trainer.train(resume_from_checkpoint=last_checkpoint(folder / "checkpoints"))
+            model = trainer.model
+            logs += [{**entry, "round": k} for entry in trainer.state.log_history if "loss" in entry]
+            trained = {"dpo_pairs": len(dataset), "label_smoothing": smoothing, "train_loss": result.training_loss,
+                       "steps": result.global_step}
+        model.eval()
+        tmp = snapshot.with_name(f".tmp-{snapshot.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(snapshot, ignore_errors=True)
+        tmp.rename(snapshot)
+        atomic_write_json(folder / "metrics.json", round_metrics(k, records, skipped, None, None, None, time.time() - started, **trained))
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        mark_done(folder, fingerprint)
+
+    # The final policy (the last round's), its answers for the report, the metrics; a snapshot, if asked.
+    final = load_causal_lm(str(stage.path / "snapshots" / f"step-{rl.steps}"), cfg.cache_dir, dtype=torch.float32)
+    final.save_pretrained(str(stage.path))
+    tokenizer.save_pretrained(str(stage.path))
+    metrics = {"algorithm": "dpo", "steps": rl.steps, "log": logs, "rounds": summarize_rounds(stage.path, bounds, [])}
+    kept = ""
+    if rl.select_by == "validation":
+        selection = select_snapshot(cfg, stage.path)
+        kept = f", kept {selection['kept']}"
+        final = load_causal_lm(str(stage.path), cfg.cache_dir, dtype=torch.float32)
+    metrics["samples"] = sample_for_report(cfg, final, tokenizer, None, stage.path)
+    atomic_write_json(stage.path / "rounds.json", metrics["rounds"])
+    atomic_write_json(stage.path / "metrics.json", metrics)
+    losses = [r.get("train_loss") for r in metrics["rounds"]]
+    return stage.finish(f"dpo, {rl.rounds} rounds of {rl.steps} steps, loss by round "
+                        + " ".join("n/a" if x is None else f"{x:.3f}" for x in losses) + kept)

@@ -1,152 +1,33 @@
 """Stage 4, the reward model (Bai et al. 2022, section 4.1): a preference model trained on AI labels.
 
 1. Load `prefs/dataset/` and refuse it, in one line, if a column is missing or an answer is empty.
-2. Hold out about `rm.eval_fraction` of the pairs (seeded), split by prompt: a prompt's pairs are all
-   held out or all trained on.
-3. The reward model is the SFT model with a scalar head (`AutoModelForSequenceClassification`,
-   `num_labels=1`), trained with TRL's RewardTrainer. The loss is the binary cross-entropy between
-   sigma(r_chosen - r_rejected) and the soft label `label_prob` (`soft_label_loss`); with
-   `rm.hard_labels` it is TRL's own Bradley-Terry loss, -log sigma(r_chosen - r_rejected).
-   Checkpoints go to `rm/checkpoints/`; a killed run resumes from the last one.
-4. Normalisation: the mean and standard deviation of the raw reward over the SFT model's own samples
-   (`prefs/samples.jsonl`), saved to `rm/normalization.json`, so that the RL stage reads rewards with
-   mean 0 and standard deviation 1 on the policy it starts from.
-5. Held-out metrics (`rm/metrics.json`): accuracy, calibration against the soft labels, and the
-   reward distribution; then the model and tokenizer are saved to `rm/`.
+2. Train the reward model (`cai.reward_training.train_reward_model`, shared with the rl stage's rounds):
+   a. hold out about `rm.eval_fraction` of the pairs (seeded), split by prompt: a prompt's pairs are
+      all held out or all trained on;
+   b. the SFT model with a scalar head (`AutoModelForSequenceClassification`, `num_labels=1`), trained
+      with TRL's RewardTrainer. The loss is the binary cross-entropy between
+      sigma(r_chosen - r_rejected) and the soft label `label_prob` (`soft_label_loss`); with
+      `rm.hard_labels` it is TRL's own Bradley-Terry loss, -log sigma(r_chosen - r_rejected).
+      Checkpoints go to `rm/checkpoints/`; a killed run resumes from the last one;
+   c. normalisation: the mean and standard deviation of the raw reward over the SFT model's own samples
+      (`prefs/samples.jsonl`), saved to `rm/normalization.json`, so that the RL stage reads rewards with
+      mean 0 and standard deviation 1 on the policy it starts from;
+   d. held-out metrics (`rm/metrics.json`): accuracy, calibration against the soft labels, and the
+      reward distribution; then the model and tokenizer are saved to `rm/`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import random
-import shutil
-import statistics
 from pathlib import Path
 
-import torch
-
-from cai.chat import ANSWER_TEMPLATE, policy_input
+from cai.chat import ANSWER_TEMPLATE
 from cai.config import Config
 from cai.errors import CaiError
-from cai.preferences import check_preference_dataset, expected_calibration_error
-from cai.records import atomic_write_json, read_jsonl
-from cai.rewards import NORMALIZATION, SCORING, score_conversations
+from cai.preferences import check_preference_dataset
+from cai.records import read_jsonl
+from cai.reward_training import train_reward_model
 from cai.stages import open_stage, require_done
 from cai.templates import Templates
-from cai.training import last_checkpoint, lora_config, save_trained, trainer_arguments
-
-
-def soft_label_loss(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, label_prob: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy between sigma(r_chosen - r_rejected) and `label_prob`, averaged over the batch.
-
-    -[p log sigma(d) + (1 - p) log sigma(-d)] with d = r_chosen - r_rejected; with p = 1 it is the
-    Bradley-Terry loss -log sigma(d). Shapes: [batch] each.
-    """
-    return torch.nn.functional.binary_cross_entropy_with_logits(rewards_chosen - rewards_rejected, label_prob.to(rewards_chosen.dtype))
-
-
-def soft_label_trainer(*args, **kwargs):
-    """TRL's RewardTrainer with the soft-label loss.
-
-    RewardTrainer has no soft-label loss, so this is the smallest extension that works: keep the
-    `label_prob` column through TRL's column filter and collator, and in `compute_loss` let TRL run the
-    model and log its metrics, then replace its hard loss with `soft_label_loss`.
-    """
-    from trl import RewardTrainer
-    from trl.trainer.reward_trainer import DataCollatorForPreference
-
-    class SoftLabelCollator(DataCollatorForPreference):
-        def torch_call(self, examples):
-            batch = super().torch_call(examples)
-            batch["label_prob"] = torch.tensor([e["label_prob"] for e in examples], dtype=torch.float)
-            return batch
-
-    class SoftLabelRewardTrainer(RewardTrainer):
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if "label_prob" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "label_prob"]
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            label_prob = inputs.pop("label_prob")
-            _, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
-            loss = soft_label_loss(chosen, rejected, label_prob)
-            if self.args.center_rewards_coefficient is not None:
-                loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
-            return (loss, outputs) if return_outputs else loss
-
-    processing_class = kwargs["processing_class"]
-    kwargs.setdefault("data_collator", SoftLabelCollator(pad_token_id=processing_class.pad_token_id))
-    return SoftLabelRewardTrainer(*args, **kwargs)
-
-
-def split_dataset(dataset, eval_fraction: float, seed: int):
-    """(train, held-out), seeded and split by prompt: every pair of a prompt lands on the same side, so
-    that held-out accuracy is measured on prompts the model never trained on (with several samples per
-    prompt, a split by pair would let it see the same prompt, often the same answers, in training).
-    About `eval_fraction` of the pairs are held out; none when the fraction or the data is too small."""
-    prompts: dict[str, list[int]] = {}
-    for index, prompt in enumerate(dataset["prompt"]):
-        prompts.setdefault(json.dumps(prompt, sort_keys=True), []).append(index)
-    groups = sorted(prompts.values())
-    random.Random(f"{seed}:rm-split").shuffle(groups)
-    target = min(int(round(eval_fraction * len(dataset))), len(dataset) - 1)
-    held_out: list[int] = []
-    for group in groups[:-1]:  # at least one prompt trains
-        if len(held_out) >= target:
-            break
-        held_out += group
-    if not held_out:
-        return dataset, dataset.select([])
-    kept = set(held_out)
-    return dataset.select([i for i in range(len(dataset)) if i not in kept]), dataset.select(sorted(held_out))
-
-
-def distribution(values: list[float]) -> dict:
-    ordered = sorted(values)
-    if not ordered:
-        return {}
-
-    def quantile(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    return {
-        "n": len(ordered),
-        "mean": statistics.fmean(ordered),
-        "std": statistics.pstdev(ordered),
-        "min": ordered[0],
-        "p10": quantile(0.1),
-        "p50": quantile(0.5),
-        "p90": quantile(0.9),
-        "max": ordered[-1],
-    }
-
-
-def held_out_metrics(model, tokenizer, dataset, cfg: Config, mean: float, std: float) -> dict:
-    """Accuracy, calibration and reward distribution of the reward model on held-out pairs."""
-    if len(dataset) == 0:
-        return {"pairs": 0}
-    chosen = score_conversations(model, tokenizer, [r["prompt"] + r["chosen"] for r in dataset], cfg.rm.batch_size, cfg.rm.max_length)
-    rejected = score_conversations(model, tokenizer, [r["prompt"] + r["rejected"] for r in dataset], cfg.rm.batch_size, cfg.rm.max_length)
-    labels = list(dataset["label_prob"]) if "label_prob" in dataset.column_names else [1.0] * len(dataset)
-    predicted = [1.0 / (1.0 + math.exp(-(c - r))) for c, r in zip(chosen, rejected)]
-    eps = 1e-7
-    return {
-        "pairs": len(dataset),
-        "accuracy": sum((c > r) + 0.5 * (c == r) for c, r in zip(chosen, rejected)) / len(dataset),
-        "soft_label_loss": -statistics.fmean(
-            p * math.log(max(q, eps)) + (1 - p) * math.log(max(1 - q, eps)) for p, q in zip(labels, predicted)
-        ),
-        "mean_abs_error_vs_label_prob": statistics.fmean(abs(q - p) for p, q in zip(labels, predicted)),
-        # the model's confidence against the soft labels (outcome = the labeler's P(chosen better))
-        "expected_calibration_error": expected_calibration_error(predicted, labels),
-        # ... and against the labeler's hard choices (chosen always wins)
-        "expected_calibration_error_hard": expected_calibration_error(predicted, [1.0] * len(predicted)),
-        "rewards_chosen": distribution([(c - mean) / std for c in chosen]),
-        "rewards_rejected": distribution([(r - mean) / std for r in rejected]),
-    }
 
 
 def run(cfg: Config) -> Path:
@@ -163,69 +44,15 @@ def run(cfg: Config) -> Path:
         raise CaiError(f"{dataset_path}: cannot read the preference dataset ({err})") from None
     check_preference_dataset(dataset, str(dataset_path), need_label_prob=not cfg.rm.hard_labels)
     samples = [(s["prompt"], a) for s in read_jsonl(prefs_dir / "samples.jsonl") for a in s["answers"] if a.strip()]
-    templates = Templates(cfg.templates)
-    templates.render(ANSWER_TEMPLATE, prompt="x")
+    Templates(cfg.templates).render(ANSWER_TEMPLATE, prompt="x")
 
     stage = open_stage(cfg, "rm")
     if stage.done:
         return stage.path
 
-    from transformers import AutoModelForSequenceClassification
-    from trl import RewardConfig, RewardTrainer
-
-    from cai.models import default_device, load_tokenizer
-
-    # 2. Held-out pairs.
-    train, held_out = split_dataset(dataset, cfg.rm.eval_fraction, cfg.seed)
-    columns = ["prompt", "chosen", "rejected"] + ([] if cfg.rm.hard_labels else ["label_prob"])
-    train = train.select_columns(columns)
-
-    # 3. The SFT model with a scalar head, trained with TRL's RewardTrainer.
-    tokenizer = load_tokenizer(str(sft_dir), cfg.cache_dir)
-    device = default_device()
-    model = AutoModelForSequenceClassification.from_pretrained(str(sft_dir), num_labels=1, dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
-    checkpoints = stage.path / "checkpoints"
-    args = RewardConfig(**trainer_arguments(cfg.rm, checkpoints, cfg.seed, lr_scheduler="linear", dtype=cfg.policy.dtype))
-    peft_config = lora_config(cfg.rm, "SEQ_CLS")
-    make = RewardTrainer if cfg.rm.hard_labels else soft_label_trainer
-    trainer = make(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config)
-    if len(trainer.train_dataset) == 0:
-        raise CaiError(f"rm: every training pair is longer than rm.max_length={cfg.rm.max_length} tokens; raise it")
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(checkpoints))
-    trained = trainer.model
-    if cfg.rm.lora:
-        trained = trained.merge_and_unload()
-    trained.eval()
-
-    # 4. Normalisation on the SFT model's own samples.
-    raw = score_conversations(
-        trained, tokenizer, [policy_input(templates, p, cfg.policy.system_prompt, a) for p, a in samples], cfg.rm.batch_size, cfg.rm.max_length
-    )
-    mean = statistics.fmean(raw) if raw else 0.0
-    std = statistics.pstdev(raw) if len(raw) > 1 else 1.0
-    std = std if std > 1e-8 else 1.0
-
-    # 5. Held-out metrics; the model, tokenizer and offsets to rm/.
-    metrics = {
-        "train_pairs": len(trainer.train_dataset),
-        "train_loss": result.training_loss,
-        "steps": result.global_step,
-        "loss": "hard Bradley-Terry" if cfg.rm.hard_labels else "soft-label cross-entropy",
-        "held_out": held_out_metrics(trained, tokenizer, held_out, cfg, mean, std),
-        "normalization": {"samples": len(raw), "mean": mean, "std": std},
-        "sft_samples_normalized": distribution([(r - mean) / std for r in raw]),
-    }
-    trained.config.pad_token_id = tokenizer.pad_token_id
-    save_trained(trainer, trained, tokenizer, stage.path, lora=cfg.rm.lora)
-    atomic_write_json(stage.path / NORMALIZATION, {"mean": mean, "std": std})
-    atomic_write_json(
-        stage.path / SCORING,
-        {"system_prompt": cfg.policy.system_prompt, "max_length": cfg.rm.max_length, "answer_template": templates.source(ANSWER_TEMPLATE)},
-    )
-    atomic_write_json(stage.path / "metrics.json", metrics)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    # 2. Train on the labels, normalise on the SFT model's own samples, write rm/.
+    metrics = train_reward_model(cfg, dataset, stage.path, start_from=sft_dir, normalize_on=samples,
+                                 records=read_jsonl(prefs_dir / "records.jsonl"))
     accuracy = metrics["held_out"].get("accuracy")
     shown = f", held-out accuracy {accuracy:.2f} on {metrics['held_out']['pairs']} pairs" if accuracy is not None else ""
-    return stage.finish(f"{metrics['train_pairs']} pairs, {result.global_step} steps, train loss {result.training_loss:.3f}{shown}")
+    return stage.finish(f"{metrics['train_pairs']} pairs, {metrics['steps']} steps, train loss {metrics['train_loss']:.3f}{shown}")
