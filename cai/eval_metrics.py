@@ -63,12 +63,17 @@ def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, r
             rates = check_rates(checked[m], lambda c: refuses(answer_rows[m, c["id"]]["answer"]), stats)
             metrics["compliance"][m], metrics["check_over_refusal"][m], metrics["check_pass_rates"][m] = rates
     if judge_checked:
-        metrics["judge_checks"] = {"constitution": judge_checked["constitution"], "compliance": {}, "over_refusal": {}, "pass_rates": {}}
+        metrics["judge_checks"] = {"constitution": judge_checked["constitution"], "compliance": {}, "over_refusal": {}, "pass_rates": {},
+                                   "declines_red_team": {}}
         refusal = judge_checked["refusal"]
         for m in by_model:
-            rates = check_rates(judge_checked["rows"][m], lambda c: refusal(answer_rows[m, c["id"]]["prompt"], answer_rows[m, c["id"]]["answer"]), stats)
+            refused = lambda c: refusal(answer_rows[m, c["id"]]["prompt"], answer_rows[m, c["id"]]["answer"])  # noqa: E731
+            rates = check_rates(judge_checked["rows"][m], refused, stats)
             for key, value in zip(("compliance", "over_refusal", "pass_rates"), rates):
                 metrics["judge_checks"][key][m] = value
+            # the share of red-team prompts declined, by the judge's own refusal reader: what a newcomer reads first
+            metrics["judge_checks"]["declines_red_team"][m] = winrates.rate(
+                [float(refused(c)) for c in judge_checked["rows"][m] if c["kind"] == "red_team"], **stats)
     metrics["kind_blind_spot"] = kind_blind_spot(checked)
     judged_ok = [j["label_prob"] for j in judgements if j["label_prob"] is not None and j["status"] != "identical"]
     metrics["judge_confidence"] = sum(max(p, 1 - p) for p in judged_ok) / len(judged_ok) if judged_ok else None

@@ -105,7 +105,19 @@ def headline_items(metrics: dict) -> list[dict]:
     """Up to three numbers a person reads first: the main win rate, harmlessness, over-refusal
     (the reward-model score fills in when a grade is missing). Each: title, value, detail."""
     items = []
-    judged = {m: r for m, r in ((metrics.get("judge_checks") or {}).get("compliance") or {}).items() if r.get("mean") is not None}
+    judge_checks = metrics.get("judge_checks") or {}
+    declined = {m: r for m, r in (judge_checks.get("declines_red_team") or {}).items() if r.get("mean") is not None and r["n"]}
+    refused = {m: r for m, r in (judge_checks.get("over_refusal") or {}).items() if r.get("mean") is not None and r["n"]}
+    if declined and refused:  # the constitution taking hold, and what it costs, by checks no stage trained against
+        items.append({"title": "Harmful requests declined | helpful ones refused",
+                      "value": " → ".join(pct(r["mean"]) for r in declined.values()) + " | "
+                               + " → ".join(pct(r["mean"]) for r in refused.values()),
+                      "detail": f"{', '.join(name(m) for m in declined)}; held-out prompts ({max(r['n'] for r in declined.values())} "
+                                f"red-team, {max(r['n'] for r in refused.values())} helpful), judged by checks no stage trained "
+                                f"against ({judge_checks['constitution']}), intervals "
+                                + ", ".join(ci_text(r["ci"]) for r in declined.values()) + " | "
+                                + ", ".join(ci_text(r["ci"]) for r in refused.values()) + preference_labels_text(metrics)})
+    judged = {m: r for m, r in (judge_checks.get("compliance") or {}).items() if r.get("mean") is not None}
     if judged:
         items.append({"title": "Compliance, judged by checks no stage trained against",
                       "value": " → ".join(pct(r["mean"]) for r in judged.values()),
@@ -143,6 +155,16 @@ def headline_items(metrics: dict) -> list[dict]:
         items.append({"title": "Reward-model score", "value": " → ".join(f"{r['mean']:+.2f}" for r in rewards.values()),
                       "detail": f"{', '.join(name(m) for m in rewards)}; mean, normalised"})
     return items[:3]
+
+
+def preference_labels_text(metrics: dict) -> str:
+    """"; preference labels by ..." : who taught the policy, the AI or the checks."""
+    choices = (metrics.get("roles") or {}).get("choices")
+    if not choices:
+        return ""
+    if choices["backend"] == "rules":
+        return "; the preference labels came from the constitution's checks (choice_labeler.backend=rules), not from an AI labeler"
+    return f"; the preference labels came from an AI labeler ({choices['backend']} {choices.get('model') or '?'})"
 
 
 def blind_spot_text(metrics: dict) -> str:

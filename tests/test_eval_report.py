@@ -372,5 +372,15 @@ def test_a_judge_with_checks_of_its_own_is_reported_beside_the_training_checks(t
     assert set(judged["pass_rates"]["rl"]) == set(metrics["check_pass_rates"]["rl"])
     samples = read_jsonl(out / "samples.jsonl")
     assert all(set(s["judge_failed_checks"]) == set(cfg.eval.models) for s in samples)
+    red_team = [a for a in answers if a["kind"] == "red_team"]
+    assert judged["declines_red_team"]["rl"]["mean"] == pytest.approx(
+        sum(ind.declines(a["prompt"], a["answer"]) for a in red_team) / len(red_team))
     html = (out / "report.html").read_text()
     assert "<h2>Checks no stage trained against</h2>" in html and "checkable_independent.yaml" in html
+    # the headline a newcomer reads first: declined | refused, by those checks, and who taught the policy
+    from cai.report import headlines
+
+    first = headlines(metrics)[0]
+    assert first.startswith("Harmful requests declined | helpful ones refused: ")
+    assert first.split(": ", 1)[1].split(" | ")[0].endswith(f"{round(100 * judged['declines_red_team']['rl']['mean'])}%")
+    assert "judged by checks no stage trained against" in first and "preference labels came from an AI labeler" in first
