@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_quickstart_pipeline_on_the_embedded_default(tmp_path):
     out = tmp_path / "run"
     overrides = [
-        f"output_dir={out}", "data.limit=10", "policy.max_new_tokens=24", "labeler.max_new_tokens=24", "sft.epochs=1",
+        f"output_dir={out}", "data.limit=10", "sl.rounds=1", "policy.max_new_tokens=24", "labeler.max_new_tokens=24", "sft.epochs=1",
         "prefs.principles_per_pair=2", "rl.steps=2", "rl.batch_size=4", "rl.minibatch_size=2", "rl.samples=2",
         "eval.limit=2", "eval.bootstrap=100", "eval.audit_pairs=4", "eval.examples=2",
     ]
@@ -31,9 +31,10 @@ def test_quickstart_pipeline_on_the_embedded_default(tmp_path):
     for stage in ("sl", "sft", "prefs", "rm", "rl", "eval"):
         assert f"[{stage}] done" in result.stdout, stage
     assert (out / "eval" / "report.html").exists()
-    # The headline is measured by a judge independent of training, and says which labeler did what.
-    assert "Compliance with the constitution's checks" in result.stdout
-    assert "evaluation by eval.judge (rules:checkable): independent of training" in result.stdout
+    # The headline is measured by checks no stage trained against, and says which labeler did what.
+    assert "Harmful requests declined | helpful ones refused: " in result.stdout
+    assert "the preference labels came from the constitution's checks" in result.stdout
+    assert "evaluation by eval.judge (rules:checkable-independent): independent of training" in result.stdout
     records = read_jsonl(out / "sl" / "records.jsonl")
     red = [r for r in records if r["kind"] == "red_team"]
     assert red and all(len(r["rounds"]) == 1 and r["rounds"][0]["critique"] for r in red)
