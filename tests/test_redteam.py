@@ -471,3 +471,28 @@ def test_the_generated_file_round_trips_into_sl_and_eval(tiny_config, writer, mo
     report = (eval_dir / "report.md").read_text()
     assert "Red-team prompts: attack success by principle and attack style" in report
     assert "declines_harm" in report.split("Red-team prompts: attack success")[1]
+
+
+def test_the_summary_counts_near_pairs_across_the_split_the_files_hold(tmp_path, tiny_config):
+    """The summary's leak count reads the prompts in the order the split flagged them: entries archived
+    in another order (here the reverse of the files') must still count no pair across train and eval."""
+    import random
+
+    from cai.redteam import Archive, Entry
+    from cai.stages.redteam import summarize, write_outputs
+    from tests.fakes import WORDS as words
+
+    rng = random.Random(1)
+    archive = Archive(cell_size=10, dedup_threshold=0.95)
+    styles = ["s9", "s8", "s7", "s6", "s5", "s4", "s3", "s2", "s1", "s0"]  # archived in reverse of the files' order
+    for k, style in enumerate(styles):
+        base = " ".join(rng.choice(words) for _ in range(10))
+        family = [base] + [base + " " + words[j] for j in range(k % 3)]  # near-duplicates (Jaccard about 0.8), cells of 1-3
+        for j, text in enumerate(family):
+            assert archive.offer(Entry(f"{style}-{j}", text, "p", style, "red_team", 1))[0]
+    cfg = tiny_config("redteam.eval_fraction=0.3", "redteam.split_threshold=0.3", "seed=2")  # a seed whose split misread in the archive's order counts 4
+    split = write_outputs(cfg, archive, {}, tmp_path)
+    summary = summarize(cfg, archive, [], {}, [], split, tmp_path, 0.0)
+    train, held = read_jsonl(tmp_path / "train.jsonl"), read_jsonl(tmp_path / "eval.jsonl")
+    assert held and max(jaccard(shingles(a["prompt"]), shingles(b["prompt"])) for a in train for b in held) < 0.3
+    assert summary["split"]["near_pairs_across"] == 0 and summary["split"]["eval"] == len(held)

@@ -235,7 +235,7 @@ def summarize(cfg: Config, archive: Archive, records: list[dict], measured: dict
               seconds: float) -> dict:
     """summary.json: cells, writer outcomes, novelty, attack success per principle and style with intervals, spend."""
     stats = dict(resamples=1000, level=0.95, seed=cfg.seed)
-    entries = archive.entries()
+    entries = ordered(archive)  # the order `split` flags them in
     statuses: dict[str, int] = {}
     for x in records:
         statuses[x["status"]] = statuses.get(x["status"], 0) + 1
@@ -281,11 +281,17 @@ def summarize(cfg: Config, archive: Archive, records: list[dict], measured: dict
     }
 
 
+def ordered(archive: Archive) -> list[Entry]:
+    """The archive's prompts in the order the files list them (and `split` flags them)."""
+    return sorted(archive.entries(), key=lambda e: (e.principle, e.style, e.round, e.id))
+
+
 def write_outputs(cfg: Config, archive: Archive, measured: dict, stage_path: Path) -> list[bool]:
-    """prompts.jsonl, train.jsonl, eval.jsonl and dataset/ (step 5); returns which prompts are held out."""
+    """prompts.jsonl, train.jsonl, eval.jsonl and dataset/ (step 5); returns which prompts are held out,
+    in the order of `ordered(archive)`."""
     import datasets
 
-    entries = sorted(archive.entries(), key=lambda e: (e.principle, e.style, e.round, e.id))
+    entries = ordered(archive)
     split = held_out_split([e.prompt for e in entries], cfg.redteam.eval_fraction, cfg.redteam.split_threshold, cfg.seed)
     rows = [{"prompt": e.prompt, "kind": e.kind, "principle": e.principle, "style": e.style, "id": e.id, "round": e.round,
              "parent": e.parent, "attack_success": (measured.get(e.id) or {}).get("attack"), "split": "eval" if held else "train"}
