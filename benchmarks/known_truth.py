@@ -229,8 +229,8 @@ def rl_monitors(run_dir: Path) -> str:
         return ""
     m = json.loads(metrics.read_text())
     parts = []
-    if m.get("disagreement"):
-        d = [x for x in m["disagreement"] if x is not None]
+    if m.get("disagreement_trajectory"):
+        d = [x for x in m["disagreement_trajectory"] if x is not None]
         parts.append(f"disagreement {d[0]:.3f} → {d[-1]:.3f} (max {max(d):.3f})" if d else "")
     for name, c in (m.get("constraints") or {}).items():
         lam = [x for x in c.get("multiplier", []) if x is not None]
