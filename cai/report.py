@@ -602,7 +602,7 @@ def caveats(data: dict) -> list[str]:
     if audit.get("accuracy") is not None and audit["accuracy"] < 0.65:
         out.append(f"The labeler agrees with the gold answer on {pct(audit['accuracy'])} of the audit's comparisons "
                    "(50% is chance): its verdicts below are weak evidence. Use a stronger labeler for results you keep.")
-    elif not audit:
+    elif not audit and ((m.get("roles") or {}).get("choices") or {}).get("backend") != "rules":  # the checks: nothing to audit
         out.append("The labeler has not been audited: run `cai audit-labeler CONFIG` (or set eval.audit_pairs) "
                    "to see how often it agrees with human judgements.")
     confidence = m.get("judge_confidence")

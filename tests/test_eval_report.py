@@ -384,3 +384,15 @@ def test_a_judge_with_checks_of_its_own_is_reported_beside_the_training_checks(t
     assert first.startswith("Harmful requests declined | helpful ones refused: ")
     assert first.split(": ", 1)[1].split(" | ")[0].endswith(f"{round(100 * judged['declines_red_team']['rl']['mean'])}%")
     assert "judged by checks no stage trained against" in first and "preference labels came from an AI labeler" in first
+
+
+def test_no_audit_caveat_when_the_checks_labeled_the_preferences():
+    """An audit measures an AI labeler against human labels; when the checks labeled the preferences there
+    is nothing to audit, and the report does not ask for it."""
+    from cai.report import caveats
+
+    def roles(backend: str) -> dict:
+        return {"roles": {"choices": {"backend": backend, "key": "choice_labeler", "model": "m"}}}
+
+    assert any("has not been audited" in c for c in caveats({"metrics": roles("local")}))
+    assert not any("has not been audited" in c for c in caveats({"metrics": roles("rules")}))
