@@ -126,7 +126,7 @@ def headline_items(metrics: dict) -> list[dict]:
     compliance = {m: r for m, r in (metrics.get("compliance") or {}).items() if r.get("mean") is not None}
     if compliance:
         roles = metrics.get("roles") or {}
-        trained = roles.get("circular", True) or (roles.get("choices") or {}).get("backend") == "rules"
+        trained = roles.get("circular", True) or labeled_by_checks(metrics)
         judge = "the checks the preference labels came from" if trained else "an independent judge"
         items.append({"title": "Compliance with the constitution's checks",
                       "value": " → ".join(pct(r["mean"]) for r in compliance.values()),
@@ -157,12 +157,17 @@ def headline_items(metrics: dict) -> list[dict]:
     return items[:3]
 
 
+def labeled_by_checks(metrics: dict) -> bool:
+    """The preference labels came from the constitution's checks (choice_labeler.backend=rules)."""
+    return ((metrics.get("roles") or {}).get("choices") or {}).get("backend") == "rules"
+
+
 def preference_labels_text(metrics: dict) -> str:
     """"; preference labels by ..." : who taught the policy, the AI or the checks."""
     choices = (metrics.get("roles") or {}).get("choices")
     if not choices:
         return ""
-    if choices["backend"] == "rules":
+    if labeled_by_checks(metrics):
         return "; the preference labels came from the constitution's checks (choice_labeler.backend=rules), not from an AI labeler"
     return f"; the preference labels came from an AI labeler ({choices['backend']} {choices.get('model') or '?'})"
 
@@ -602,7 +607,7 @@ def caveats(data: dict) -> list[str]:
     if audit.get("accuracy") is not None and audit["accuracy"] < 0.65:
         out.append(f"The labeler agrees with the gold answer on {pct(audit['accuracy'])} of the audit's comparisons "
                    "(50% is chance): its verdicts below are weak evidence. Use a stronger labeler for results you keep.")
-    elif not audit and ((m.get("roles") or {}).get("choices") or {}).get("backend") != "rules":  # the checks: nothing to audit
+    elif not audit and not labeled_by_checks(m):  # the checks labeled: nothing to audit
         out.append("The labeler has not been audited: run `cai audit-labeler CONFIG` (or set eval.audit_pairs) "
                    "to see how often it agrees with human judgements.")
     confidence = m.get("judge_confidence")
