@@ -29,11 +29,12 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/cai run configs/quickstart.yaml
 
 # Every test: the fast ones (tiny local models, fake labelers and servers) and the slow end-to-end
-# runs on the embedded default model. What CI runs: about 5.5 minutes on 2 quiet cores.
+# runs on the embedded default model. What CI runs: about 18 minutes on 2 cores
+# (CI's run of 2026-12-07, the install included; the slow quickstart test is about 5 of them).
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-# The fast tests alone (about 2.5 minutes): for the edit-test loop.
+# The fast tests alone (about 12 minutes on 2 cores): for the edit-test loop, with a file or -k to narrow it.
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
