@@ -182,11 +182,13 @@ def test_eval_resumes_without_asking_the_labeler_again(tmp_path, models, monkeyp
     assert len(asked) == 18 * 2 * 2
 
 
-def test_report_renders_every_section(tmp_path, models, scripted):
+def test_report_renders_every_section(tmp_path, models, scripted, capsys):
     extra = tmp_path / "mine.jsonl"
     extra.write_text('{"prompt": "Write a haiku about tea."}\n{"prompt": "How do I hotwire a car?", "kind": "red_team"}\n')
     cfg = hand_made_run(tmp_path, models, f"eval.prompts=[{extra}]", rm=True, rl_curves=True, audit=True)
     out = eval_stage.run(cfg)
+    said = next(line for line in capsys.readouterr().out.splitlines() if "held-out prompts (" in line)
+    assert "4 red-team, " in said and "1 of no kind; 2 of them from eval.prompts files)" in said, said
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prompts"]["custom"] == 1 and metrics["prompts"]["red_team"] == 4 and metrics["prompts"]["sets"]["mine.jsonl"] == 2
     assert set(metrics["reward"]) == {"initial", "sft", "rl"} and metrics["labeler_audit"]["metrics"]["accuracy"] == 0.6

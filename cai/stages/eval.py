@@ -398,8 +398,10 @@ def run(cfg: Config) -> Path:
         return stage.path
     atomic_write_text(stage.path / "prompt_files.sha256", digest + "\n")
     counts = {k: sum(p.kind == k for p, _ in prompts) for k in ("red_team", "helpful", "custom")}
-    print(f"[eval] {len(prompts)} held-out prompts ({counts['red_team']} red-team, {counts['helpful']} helpful, "
-          f"{counts['custom']} from files); models: {', '.join(sources)}")
+    from_files = sum(not name.startswith(EVAL_SPLIT) for _, name in prompts)
+    no_kind = f", {counts['custom']} of no kind" if counts["custom"] else ""
+    print(f"[eval] {len(prompts)} held-out prompts ({counts['red_team']} red-team, {counts['helpful']} helpful{no_kind}; "
+          f"{from_files} of them from eval.prompts files); models: {', '.join(sources)}")
 
     # 2. Answers, lengths, log-probabilities under the model and the reference.
     answers_path = stage.path / "answers.jsonl"
