@@ -12,6 +12,12 @@ from cai.judging import PAIRS
 from cai.checks import refuses
 
 
+def prompt_counts(prompts: list) -> dict:
+    """How many of the (prompt, set name) pairs there are in all, of each kind, and from each set."""
+    return {"total": len(prompts), **{k: sum(p.kind == k for p, _ in prompts) for k in ("red_team", "helpful", "custom")},
+            "sets": {s: sum(x == s for _, x in prompts) for s in dict.fromkeys(x for _, x in prompts)}}
+
+
 def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, reward_note, audit, usage,
               roles: dict | None = None, checked: dict | None = None, agreement: dict | None = None,
               judge_checked: dict | None = None) -> tuple[dict, list[dict]]:
@@ -28,8 +34,7 @@ def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, r
     metrics: dict = {
         "labeler": judgements[0]["labeler"] if judgements else (grades[0]["labeler"] if grades else None),
         "models": {m: {"source": s} for m, s in sources.items()},
-        "prompts": {"total": len(prompts), **{k: sum(p.kind == k for p, _ in prompts) for k in ("red_team", "helpful", "custom")},
-                    "sets": {s: sum(x == s for _, x in prompts) for s in dict.fromkeys(x for _, x in prompts)}},
+        "prompts": prompt_counts(prompts),
         "confidence": cfg.eval.confidence,
         "win_rates": {},
         "harmlessness": {}, "over_refusal": {}, "refusal_markers": {},

@@ -51,7 +51,7 @@ from cai.chat import policy_input
 from cai.config import Config
 from cai.constitution import load_constitution
 from cai.errors import CaiError
-from cai.eval_metrics import aggregate
+from cai.eval_metrics import aggregate, prompt_counts
 from cai.judging import (
     GRADES,
     PAIRS,
@@ -397,8 +397,8 @@ def run(cfg: Config) -> Path:
     if stage.done:
         return stage.path
     atomic_write_text(stage.path / "prompt_files.sha256", digest + "\n")
-    counts = {k: sum(p.kind == k for p, _ in prompts) for k in ("red_team", "helpful", "custom")}
-    from_files = sum(not name.startswith(EVAL_SPLIT) for _, name in prompts)
+    counts = prompt_counts(prompts)
+    from_files = sum(n for name, n in counts["sets"].items() if not name.startswith(EVAL_SPLIT))
     no_kind = f", {counts['custom']} of no kind" if counts["custom"] else ""
     print(f"[eval] {len(prompts)} held-out prompts ({counts['red_team']} red-team, {counts['helpful']} helpful{no_kind}; "
           f"{from_files} of them from eval.prompts files); models: {', '.join(sources)}")
