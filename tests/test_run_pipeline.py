@@ -74,6 +74,7 @@ def run_overrides(tmp_path: Path, model: Path, *extra: str) -> list[str]:
     request goes through the recording labeler) and no part of the demo that needs checkable.yaml."""
     return [
         "choice_labeler=null", "sl.rounds=1", "sl.few_shot=false", "sl.critique_failed_checks=false", "sl.verify_revisions=false",
+        "sl.revision_candidates=1",
         "prefs.principles_per_pair=2", "rl.constraints=[]", "rl.keep_snapshots=false", "eval.prompts=[]", "eval.principles_per_pair=2",
         f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}", f"policy.model={model}", f"labeler.model={model}",
         "constitution=constitutions/tiny.yaml", "eval.judge=null", "policy.max_new_tokens=8", "labeler.max_new_tokens=8", "data.limit=20",
