@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_quickstart_pipeline_on_the_embedded_default(tmp_path):
     out = tmp_path / "run"
     overrides = [
-        f"output_dir={out}", "data.limit=10", "sl.rounds=1", "policy.max_new_tokens=24", "labeler.max_new_tokens=24", "sft.epochs=1",
+        f"output_dir={out}", "data.limit=10", "sl.rounds=1", "sl.revision_candidates=2", "policy.max_new_tokens=24", "labeler.max_new_tokens=24", "sft.epochs=1",
         "prefs.principles_per_pair=2", "rl.steps=2", "rl.batch_size=4", "rl.minibatch_size=2", "rl.samples=2",
         "eval.limit=2", "eval.bootstrap=100", "eval.audit_pairs=4", "eval.examples=2",
     ]
