@@ -207,6 +207,11 @@ class SLConfig(Section):
         "choice labeler prefers most is kept, if any beats the answer. Helps a weak reviser that gets it right now and then.",
     )
 
+    drop_unrevised: bool = Field(
+        False, description="Leave out of the SL-CAI dataset the red-team prompts whose answer no round revised (with "
+        "verify_revisions: no revision beat the first answer), instead of training on those first answers as they are.",
+    )
+
     @model_validator(mode="after")
     def _candidates_need_a_verifier(self):
         if self.revision_candidates > 1 and not self.verify_revisions:

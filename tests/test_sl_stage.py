@@ -185,18 +185,22 @@ def test_sl_runs_against_an_openai_compatible_server_by_override_alone(tiny_conf
         assert server.requests == []  # every answer came from the cache
 
 
+def even_revision(answer: str) -> bool:
+    """The scripted judge's idea of a good revision: one whose digest ends in an even hex digit."""
+    return answer.startswith("REVISED") and int(answer[-1], 16) % 2 == 0
+
+
+def prefer_even_revisions(text: str) -> float:
+    """P(A is better) for a judge that prefers whichever shown response is an `even_revision`."""
+    a, b, _ = shown_answers(text)
+    return 0.5 + 0.4 * (even_revision(a) - even_revision(b))
+
+
 def test_verified_revisions_keep_only_what_the_choice_labeler_prefers(tiny_config, monkeypatch):
     """Text goes to one scripted labeler, choices to another (roles); a revision replaces the answer only
     when the judge prefers it in both orders, and the summary counts those turned down."""
     writer = ScriptedLabeler()
-
-    def prefer(text: str) -> float:
-        # Prefers whichever shown response is a revision whose digest ends in an even hex digit.
-        a, b, _ = shown_answers(text)
-        good = lambda s: s.startswith("REVISED") and int(s[-1], 16) % 2 == 0  # noqa: E731
-        return 0.5 + 0.4 * (good(a) - good(b))
-
-    judge = ScriptedLabeler(prefer=prefer)
+    judge = ScriptedLabeler(prefer=prefer_even_revisions)
     judge.id = "scripted:judge"
     roles: list = []
 
@@ -210,7 +214,7 @@ def test_verified_revisions_keep_only_what_the_choice_labeler_prefers(tiny_confi
     records = [r for r in read_jsonl(out / "records.jsonl") if r["kind"] == "red_team"]
     assert writer.usage.requests == 2 * len(records)  # critiques and revisions: all to the writer
     assert judge.usage.requests == 2 * len(records)  # one principle, both orders, per revision: all to the judge
-    kept = [r for r in records if int(r["rounds"][0]["revision"][-1], 16) % 2 == 0]
+    kept = [r for r in records if even_revision(r["rounds"][0]["revision"])]
     assert 0 < len(kept) < len(records)
     for r in records:
         rnd = r["rounds"][0]
@@ -220,17 +224,35 @@ def test_verified_revisions_keep_only_what_the_choice_labeler_prefers(tiny_confi
     assert summary["revisions_turned_down"] == len(records) - len(kept) and summary["revised"] == len(kept)
 
 
+def test_drop_unrevised_leaves_out_the_red_team_answers_no_round_revised(tiny_config, monkeypatch, tmp_path):
+    """With sl.drop_unrevised the dataset holds the helpful answers and the revised red-team ones only;
+    without it, the unrevised first answers are trained on too."""
+    writer = ScriptedLabeler()
+    judge = ScriptedLabeler(prefer=prefer_even_revisions)
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role="text": judge if role == "choices" else writer)
+    datasets_by_setting = {}
+    for drop in (False, True):
+        out = sl.run(tiny_config("sl.rounds=1", "sl.verify_revisions=true", f"sl.drop_unrevised={str(drop).lower()}",
+                                 f"output_dir={tmp_path / f'drop_{drop}'}"))
+        records = {r["id"]: r for r in read_jsonl(out / "records.jsonl")}
+        ids = datasets.load_from_disk(str(out / "dataset"))["id"]
+        datasets_by_setting[drop] = set(ids)
+        unrevised = {i for i, r in records.items() if r["kind"] == "red_team" and not r["revised"]}
+        assert unrevised and any(r["kind"] == "helpful" for r in records.values())
+        summary = json.loads((out / "summary.json").read_text())
+        if drop:
+            assert set(ids) == set(records) - unrevised and summary["unrevised_dropped"] == len(unrevised)
+        else:
+            assert set(ids) == set(records) and summary["unrevised_dropped"] == 0
+    assert datasets_by_setting[False] - datasets_by_setting[True]
+
+
 def test_revision_candidates_keep_the_one_the_judge_prefers(tiny_config, monkeypatch):
     """With N candidates per round, an item is revised when any candidate wins, and the record keeps
     every candidate with its verdict; without a verifier, N > 1 is a config error."""
     writer = ScriptedLabeler()
-    good = lambda s: s.startswith("REVISED") and int(s[-1], 16) % 2 == 0  # noqa: E731
-
-    def prefer(text: str) -> float:
-        a, b, _ = shown_answers(text)
-        return 0.5 + 0.4 * (good(a) - good(b))
-
-    judge = ScriptedLabeler(prefer=prefer)
+    good = even_revision
+    judge = ScriptedLabeler(prefer=prefer_even_revisions)
     monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role="text": judge if role == "choices" else writer)
     out = sl.run(tiny_config("sl.rounds=1", "sl.verify_revisions=true", "sl.revision_candidates=4"))
     records = [r for r in read_jsonl(out / "records.jsonl") if r["kind"] == "red_team"]

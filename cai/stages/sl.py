@@ -16,7 +16,9 @@
    d. one record per prompt is appended, with every round's principle, critique and revision.
 4. Helpful prompts (`sl.helpful_ratio` per red-team prompt) are answered by the policy and kept as
    they are, so that fine-tuning on revisions does not teach the model to refuse everything.
-5. The final answers become `sl/dataset/`, conversational `messages` that TRL's SFTTrainer takes.
+5. The final answers become `sl/dataset/`, conversational `messages` that TRL's SFTTrainer takes; with
+   `sl.drop_unrevised`, a red-team prompt that no round revised is left out (its first answer is what the
+   critique found wanting, and with a weak reviser most of them are compliant answers to harmful requests).
 """
 
 from __future__ import annotations
@@ -298,11 +300,12 @@ def run(cfg: Config) -> Path:
         if verifier is not None:
             verifier.close()
 
-    # 5. The SL-CAI dataset: every prompt with a non-empty final answer.
+    # 5. The SL-CAI dataset: every prompt with a non-empty final answer (less the unrevised red-team ones,
+    #    with sl.drop_unrevised).
     import datasets
 
     records = read_jsonl(records_path)
-    rows = [r for r in records if r["final"].strip()]
+    rows = [r for r in records if r["final"].strip() and not (cfg.sl.drop_unrevised and r["kind"] == "red_team" and not r["revised"])]
     dataset = datasets.Dataset.from_dict(
         {
             # the policy's input exactly as it was sampled, so SFT trains on what the policy is asked
@@ -322,6 +325,7 @@ def run(cfg: Config) -> Path:
         "critiques_failed": sum(rnd["critique_status"] != "ok" for r in records for rnd in r["rounds"]),
         "revisions_failed": sum(rnd["revision_status"] != "ok" for r in records for rnd in r["rounds"]),
         "dataset_rows": len(rows),
+        "unrevised_dropped": sum(r["kind"] == "red_team" and not r["revised"] for r in records) if cfg.sl.drop_unrevised else 0,
         "verify_revisions": cfg.sl.verify_revisions,
         "revisions_turned_down": sum(rnd.get("accepted") is False and rnd["revision_status"] == "ok" and rnd["critique_status"] == "ok"
                                      for r in records for rnd in r["rounds"]),
