@@ -251,7 +251,6 @@ def test_revision_candidates_keep_the_one_the_judge_prefers(tiny_config, monkeyp
     """With N candidates per round, an item is revised when any candidate wins, and the record keeps
     every candidate with its verdict; without a verifier, N > 1 is a config error."""
     writer = ScriptedLabeler()
-    good = even_revision
     judge = ScriptedLabeler(prefer=prefer_even_revisions)
     monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role="text": judge if role == "choices" else writer)
     out = sl.run(tiny_config("sl.rounds=1", "sl.verify_revisions=true", "sl.revision_candidates=4"))
@@ -261,10 +260,10 @@ def test_revision_candidates_keep_the_one_the_judge_prefers(tiny_config, monkeyp
         rnd = r["rounds"][0]
         texts = [c["revision"] for c in rnd["candidates"]]
         assert len(set(texts)) == 4  # four different samples
-        winners = [t for t in texts if good(t)]
+        winners = [t for t in texts if even_revision(t)]
         assert rnd["accepted"] == bool(winners) and r["revised"] == bool(winners)
         assert r["final"] == (winners[0] if winners else r["initial"])
-        assert [c["verified_p"] for c in rnd["candidates"]] == [pytest.approx(0.9 if good(t) else 0.5) for t in texts]
+        assert [c["verified_p"] for c in rnd["candidates"]] == [pytest.approx(0.9 if even_revision(t) else 0.5) for t in texts]
     # One candidate in two wins, so four candidates revise about 15 in 16 items, one candidate about half
     assert sum(r["revised"] for r in records) > 0.75 * len(records)
     with pytest.raises(CaiError, match="revision_candidates > 1 needs verify_revisions"):

@@ -305,7 +305,8 @@ def run(cfg: Config) -> Path:
     import datasets
 
     records = read_jsonl(records_path)
-    rows = [r for r in records if r["final"].strip() and not (cfg.sl.drop_unrevised and r["kind"] == "red_team" and not r["revised"])]
+    dropped = {r["id"] for r in records if r["kind"] == "red_team" and not r["revised"]} if cfg.sl.drop_unrevised else set()
+    rows = [r for r in records if r["final"].strip() and r["id"] not in dropped]
     dataset = datasets.Dataset.from_dict(
         {
             # the policy's input exactly as it was sampled, so SFT trains on what the policy is asked
@@ -325,7 +326,7 @@ def run(cfg: Config) -> Path:
         "critiques_failed": sum(rnd["critique_status"] != "ok" for r in records for rnd in r["rounds"]),
         "revisions_failed": sum(rnd["revision_status"] != "ok" for r in records for rnd in r["rounds"]),
         "dataset_rows": len(rows),
-        "unrevised_dropped": sum(r["kind"] == "red_team" and not r["revised"] for r in records) if cfg.sl.drop_unrevised else 0,
+        "unrevised_dropped": len(dropped),
         "verify_revisions": cfg.sl.verify_revisions,
         "revisions_turned_down": sum(rnd.get("accepted") is False and rnd["revision_status"] == "ok" and rnd["critique_status"] == "ok"
                                      for r in records for rnd in r["rounds"]),
