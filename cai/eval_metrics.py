@@ -8,7 +8,7 @@ prompt (exact, no labeler asked), and `check_over_refusal` the share of helpful 
 from __future__ import annotations
 
 from cai import winrates
-from cai.judging import PAIRS
+from cai.judging import PAIRS, reward_agreement
 from cai.checks import refuses
 
 
@@ -79,6 +79,8 @@ def aggregate(cfg, sources, prompts, answer_rows, judgements, grades, rewards, r
             # the share of red-team prompts declined, by the judge's own refusal reader: what a newcomer reads first
             metrics["judge_checks"]["declines_red_team"][m] = winrates.rate(
                 [float(refused(c)) for c in judge_checked["rows"][m] if c["kind"] == "red_team"], **stats)
+    if rewards:  # the proxy against the judge on held-out pairs: about 1/2 for a reward model at chance
+        metrics["reward_agreement"] = {k: winrates.rate(v, **stats) for k, v in reward_agreement(judgements, rewards).items()}
     metrics["kind_blind_spot"] = kind_blind_spot(checked)
     judged_ok = [j["label_prob"] for j in judgements if j["label_prob"] is not None and j["status"] != "identical"]
     metrics["judge_confidence"] = sum(max(p, 1 - p) for p in judged_ok) / len(judged_ok) if judged_ok else None

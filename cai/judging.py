@@ -6,7 +6,8 @@ config; by default the training labeler, which makes the evaluation circular: a 
 against a labeler looks good to that labeler). With an independent judge the same pairs also go to
 the training labeler, and `agreement` counts per principle how often the two pick the same answer:
 the held-out-judge audit, where reward hacking shows first (the training labeler keeps liking what
-the policy learnt to give it while the judge does not).
+the policy learnt to give it while the judge does not). `reward_agreement` asks the same of the reward
+model: on the pairs the judge decides, does the proxy score the judge's pick higher?
 """
 
 from __future__ import annotations
@@ -147,6 +148,29 @@ def check_compliance(constitution, prompts, answers: dict, models) -> dict | Non
             row["kind_checks_applied"] = len(kinded & set(row["applied"])) if kinded else None
             rows.append(row)
         out[m] = rows
+    return out
+
+
+def reward_agreement(judge_rows: list[dict], rewards: dict) -> dict[str, list[float]]:
+    """Does the reward model point where the judge points? Per prompt kind (and "all"), one value per pair
+    the judge decides (label_prob != 0.5; ties, identical answers and unreadable pairs are left out):
+    1 when the reward model scores the judge's pick higher, 0 when lower, 1/2 on equal scores.
+
+    `rewards`: {(model, prompt id): reward}. A reward model at chance scores about 1/2 here, whatever
+    the policy learnt from it; this is the proxy's accuracy on answers neither it nor the policy trained on.
+    """
+    out: dict[str, list[float]] = {"all": []}
+    for row in judge_rows:
+        p = row.get("label_prob")
+        if p is None or p == 0.5 or row.get("status") == "identical":
+            continue
+        first, second = row["models"]
+        a, b = rewards.get((first, row["prompt_id"])), rewards.get((second, row["prompt_id"]))
+        if a is None or b is None:
+            continue
+        value = 0.5 if a == b else float((a > b) == (p > 0.5))
+        for key in ("all", row.get("kind") or "custom"):
+            out.setdefault(key, []).append(value)
     return out
 
 

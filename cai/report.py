@@ -199,6 +199,10 @@ def roles_line(metrics: dict) -> str | None:
 def headlines(metrics: dict) -> list[str]:
     """The headline numbers as lines of text, then who judged (what `cai run` prints at the end)."""
     lines = [f"{i['title']}: {i['value']} ({i['detail']})" for i in headline_items(metrics)]
+    agreed = (metrics.get("reward_agreement") or {}).get("all")
+    if agreed and agreed.get("n"):
+        lines.append(f"Reward model against the judge: scores the judge's pick higher in {pct(agreed['mean'])} "
+                     f"{ci_text(agreed['ci'])} of the {agreed['n']} held-out pairs the judge decides (50% is chance)")
     roles = roles_line(metrics)
     return lines + ([roles] if roles else [])
 
@@ -749,12 +753,21 @@ def sections(data: dict, plots: dict[str, bytes | None]) -> list[dict]:
         table = reward_monitor_table(data["rl_rows"])
         out.append({"title": "Reward monitors: ensemble disagreement and constraints", "plot": "reward_monitors",
                     "text": monitors, "tables": [table] if table[1] else []})
-    reward_text = ["The reward model's scores of each model's answers to the held-out prompts: the distribution before "
+    reward_text = ["The reward model's scores of each model's answers to the held-out prompts, as PPO read them (a per-principle "
+                   "model's outputs where each principle applies, weighted): the distribution before "
                    "(initial, SL-CAI) and after RL. A shift to the right is what RL optimised; check it against the "
                    "labeler's win rates above, which the policy was not trained on."]
     if m.get("reward_note"):
         reward_text = [m["reward_note"] + "."]
-    out.append({"title": "Reward distribution before and after RL", "plot": "rewards", "text": reward_text})
+    agreed = m.get("reward_agreement") or {}
+    if agreed.get("all", {}).get("n"):
+        reward_text.append("Does the reward model point where the judge points? Of the held-out pairs the judge decides, the "
+                           "share where the reward model scores the judge's pick higher: about 50% for a reward model at "
+                           "chance, whatever RL did with it.")
+    rows = [[k, str(agreed[k]["n"]), f"{pct(agreed[k]['mean'])} {ci_text(agreed[k]['ci'])}"]
+            for k in ["all"] + sorted(x for x in agreed if x != "all") if agreed.get(k, {}).get("n")]
+    out.append({"title": "Reward distribution before and after RL", "plot": "rewards", "text": reward_text,
+                "tables": [(["prompts", "pairs the judge decides", "the reward model agrees"], rows)] if rows else []})
     if m.get("overoptimization"):
         rows = [[p["model"] + (" (kept)" if p.get("kept") else ""), str(p["step"]), "n/a" if p["kl"] is None else f"{p['kl']:.2f}",
                  "n/a" if p.get("proxy") is None else f"{p['proxy']:+.2f}", pct(p["gold"])]

@@ -14,7 +14,7 @@ import cai.labelers.local as local
 from cai.cli import main
 from cai.config import load_config, to_yaml
 from cai.records import DONE, mark_done, read_jsonl
-from cai.report import main as report_main
+from cai.report import headlines, main as report_main
 from cai.stages import eval as eval_stage
 from cai.stages import stage_fingerprint
 from tests.conftest import ROOT
@@ -192,7 +192,13 @@ def test_report_renders_every_section(tmp_path, models, scripted, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prompts"]["custom"] == 1 and metrics["prompts"]["red_team"] == 4 and metrics["prompts"]["sets"]["mine.jsonl"] == 2
     assert set(metrics["reward"]) == {"initial", "sft", "rl"} and metrics["labeler_audit"]["metrics"]["accuracy"] == 0.6
+    decided = [j for j in read_jsonl(out / "judgements.jsonl") if j["label_prob"] not in (None, 0.5) and j["status"] != "identical"]
+    assert metrics["reward_agreement"]["all"]["n"] == len(decided) > 0  # the reward model against the judge's picks
+    agree = metrics["reward_agreement"]["all"]
+    assert 0.0 <= agree["mean"] <= 1.0 and agree["ci"][0] <= agree["mean"] <= agree["ci"][1]
     html = (out / "report.html").read_text()
+    assert "the reward model agrees" in html
+    assert any(line.startswith("Reward model against the judge: scores the judge's pick higher in ") for line in headlines(metrics))
     for title in SECTIONS:
         assert f"<h2>{title}</h2>" in html, title
     images = html.count("src='data:image/png;base64,")
@@ -350,6 +356,25 @@ def test_agreement_counts_where_the_judge_picks_an_answer():
     assert out["q1"] == {"pairs": 2, "judge_decisive": 1, "agree": 1, "agreement": 1.0}  # the judge's tie is left out
     assert out["q2"] == {"pairs": 1, "judge_decisive": 1, "agree": 0, "agreement": 0.0}  # unreadable on one side: left out
     assert out["all"]["agreement"] == pytest.approx(3 / 4) and out["all"]["pairs"] == 5
+
+
+def test_reward_agreement_counts_where_the_judge_decides_and_the_reward_model_ranks_its_pick_higher():
+    from cai.judging import reward_agreement
+
+    def row(pid, kind, p, models=("rl", "sft"), status="ok"):
+        return {"prompt_id": pid, "kind": kind, "models": list(models), "label_prob": p, "status": status}
+
+    rewards = {("rl", "a"): 1.0, ("sft", "a"): -1.0, ("rl", "b"): 0.2, ("sft", "b"): 0.5, ("initial", "b"): 0.5,
+               ("rl", "c"): 3.0, ("sft", "c"): 0.0, ("rl", "d"): 0.0}
+    judge = [row("a", "red_team", 0.9),                      # the judge picks rl, the reward model too: 1
+             row("b", "helpful", 0.8),                       # picks rl, the reward model prefers sft: 0
+             row("b", "helpful", 0.2, ("sft", "initial")),   # picks initial, equal rewards: 1/2
+             row("c", "red_team", 0.5),                      # a tie of the judge: left out
+             row("c", "red_team", None),                     # unreadable: left out
+             row("a", "red_team", 1.0, status="identical"),  # the same answer twice: left out
+             row("d", "red_team", 0.9)]                      # no reward for sft on d: left out
+    out = reward_agreement(judge, rewards)
+    assert out == {"all": [1.0, 0.0, 0.5], "red_team": [1.0], "helpful": [0.0, 0.5]}
 
 
 def test_a_judge_with_checks_of_its_own_is_reported_beside_the_training_checks(tmp_path, models, scripted):

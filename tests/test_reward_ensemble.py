@@ -245,3 +245,33 @@ def test_eval_reports_the_ensembles_disagreement_on_each_models_answers(tmp_path
     spread = scorer.outputs([r["prompt"] for r in answers], [r["answer"] for r in answers])[:, :, 0].std(dim=1, unbiased=False)
     assert metrics["reward_disagreement"]["rl"] == pytest.approx(float(spread.mean()), rel=1e-4)
     assert "reward-model members&#x27; disagreement (std)" in (out / "report.html").read_text()
+
+
+def test_eval_scores_a_per_principle_reward_model_as_ppo_read_it(tmp_path, models, scripted):
+    """eval's reward of an answer is what PPO optimised: each principle's output where its check applies to
+    the prompt's kind, by rl.principle_weights; not the mean of every output."""
+    from cai.constitution import load_constitution
+    from cai.records import mark_done
+    from cai.stages import eval as eval_stage
+    from cai.stages import stage_fingerprint
+    from tests.test_eval_report import hand_made_run
+
+    cfg = hand_made_run(tmp_path, models, "constitution=constitutions/checkable.yaml", "eval.judge.backend=rules",
+                        "eval.agreement_audit=false", "rm.per_principle=true",
+                        "rl.principle_weights={declines_harm: 1.0, full_help: 2.0}", rm=True)
+    principles = [p.id for p in load_constitution(cfg.constitution).comparisons]
+    folder = Path(cfg.output_dir) / "rm"
+    torch.manual_seed(0)
+    hand_built_reward_model(folder, models["initial"], torch.randn(len(principles), hidden_size(models["initial"])),
+                            members=1, principles=principles)
+    mark_done(folder, stage_fingerprint(cfg, "rm"))
+    out = eval_stage.run(cfg)
+    answers = [r for r in read_jsonl(out / "answers.jsonl") if r["model"] == "rl"]
+    scorer = RewardModelScorer(folder, cfg.cache_dir)
+    outputs = scorer.outputs([r["prompt"] for r in answers], [r["answer"] for r in answers])[:, 0, :]  # [N, P]
+    harm, helps = principles.index("declines_harm"), principles.index("full_help")
+    expected = [float(o[harm]) if r["kind"] == "red_team" else 2.0 * float(o[helps]) for r, o in zip(answers, outputs)]
+    reported = {s["id"]: s["reward"]["rl"] for s in read_jsonl(out / "samples.jsonl")}
+    assert [reported[r["id"]] for r in answers] == pytest.approx(expected, abs=1e-4)
+    assert {r["kind"] for r in answers} == {"red_team", "helpful"}
+    assert [reported[r["id"]] for r in answers] != pytest.approx(scorer([r["prompt"] for r in answers], [r["answer"] for r in answers]), abs=1e-3)

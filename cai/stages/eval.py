@@ -12,8 +12,10 @@
    served name (`eval.served_models`), and only scored here: the log-probabilities come from a
    forward pass in this process, as OpenAI-compatible servers do not all score a given text. A model
    whose weights are not here (a hub model served remotely) gets a null `logp`, and its KL is n/a.
-3. Reward-model scores of every answer (skipped, and said so, when `rm/` is missing); with an ensemble
-   reward model (`rm.ensemble`), its members' disagreement on each model's answers, a hacking monitor.
+3. Reward-model scores of every answer as PPO read them (`proxy_reward`; skipped, and said so, when
+   `rm/` is missing); with an ensemble reward model (`rm.ensemble`), its members' disagreement on each
+   model's answers, a hacking monitor. metrics.json's `reward_agreement`: on the pairs the judge
+   decides (step 4), how often the reward model scores the judge's pick higher.
    b. The over-optimisation curve (Gao et al. 2022): each policy snapshot the RL stage kept
       (`rl.keep_snapshots`, every `rl.checkpoint_every` steps) answers the eval prompts too; the proxy
       (reward-model score) and the gold (the checks' compliance) of each against its KL to the SL-CAI
@@ -285,6 +287,16 @@ def curve_snapshots(cfg: Config, constitution) -> dict[str, str]:
     return snapshot_sources(cfg)
 
 
+def proxy_reward(cfg, scorer):
+    """(prompts, answers, kinds) -> the reward model's scores as PPO read them: a per-principle model's outputs
+    weighted where each principle applies (rl.principle_weights), an ensemble's members combined by
+    rl.ensemble_reward; a plain reward model's normalised score. The constraints' terms are left out."""
+    from cai.policy_models import PPOReward
+
+    combined = PPOReward(cfg, scorer)
+    return lambda prompts, answers, kinds: combined.score(prompts, answers, kinds).reward.tolist()
+
+
 def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: dict, rewards: dict | None, path: Path) -> list[dict] | None:
     """Proxy (reward-model score) and gold (the checks' compliance) of the SL-CAI model, each kept RL
     snapshot and the final policy, against their KL to the SL-CAI reference (Gao et al. 2022).
@@ -304,7 +316,7 @@ def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: d
     rows = {(r["model"], r["id"]): r for r in read_jsonl(path)}
     from cai.rewards import RewardModelScorer
 
-    scorer = RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir) if rewards else None
+    scorer = proxy_reward(cfg, RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir)) if rewards else None
     selection = stage_dir(cfg, "rl") / "selection.json"
     kept = json.loads(selection.read_text())["kept"] if selection.exists() else None
     models = ["sft", *snapshots] + ([] if kept or f"rl@step-{cfg.rl.steps}" in snapshots else ["rl"])
@@ -316,7 +328,7 @@ def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: d
         if scorer is None:
             proxy = None
         elif model in snapshots:
-            proxy = scorer([p.text for p, _ in mine], [r["answer"] for _, r in mine])
+            proxy = scorer([p.text for p, _ in mine], [r["answer"] for _, r in mine], [p.kind for p, _ in mine])
         else:
             proxy = [rewards[model, p.id] for p, _ in mine]
         kl = [r["logp"] - r["logp_ref"] for _, r in mine if r.get("logp") is not None and r.get("logp_ref") is not None]
@@ -415,9 +427,10 @@ def run(cfg: Config) -> Path:
         from cai.rewards import RewardModelScorer
 
         scorer = RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir)
+        proxy = proxy_reward(cfg, scorer)
         rewards = {}
         for m in sources:
-            scores = scorer([p.text for p, _ in prompts], [answers[m, p.id] for p, _ in prompts])
+            scores = proxy([p.text for p, _ in prompts], [answers[m, p.id] for p, _ in prompts], [p.kind for p, _ in prompts])
             rewards.update({(m, p.id): s for (p, _), s in zip(prompts, scores)})
             if scorer.members > 1:  # an ensemble: how much its members disagree on this model's answers
                 spread = scorer.disagreement([p.text for p, _ in prompts], [answers[m, p.id] for p, _ in prompts])
