@@ -219,6 +219,15 @@ class PPOReward:
         return out
 
 
+def reward_as_ppo_reads_it(cfg: Config, reward_fn: RewardFn):
+    """(prompts, answers, kinds) -> [float]: a reward model's scores as PPO reads them (PPOReward.score): a
+    per-principle model's outputs where each principle applies, by rl.principle_weights; an ensemble's
+    members by rl.ensemble_reward; a plain reward model's normalised score. The constraints' terms are left
+    out. What the eval stage reports and `cai stress` compares, so that neither judges another reward."""
+    combined = PPOReward(cfg, reward_fn)
+    return lambda prompts, answers, kinds: combined.score(prompts, answers, kinds).reward.tolist()
+
+
 class Constraints:
     """rl.constraints: each constraint's value per answer and where it applies, and its Lagrange multiplier,
     which moves once per batch (cai.rl.update_multipliers) and is checkpointed with the run (state_dict).

@@ -255,12 +255,13 @@ def judge_rules(constitution, cfg, trials, principles, judged_by=None) -> tuple[
 
 
 def judge_reward_model(rm_dir: Path, cfg, trials) -> tuple[str, list[dict]]:
+    from cai.policy_models import reward_as_ppo_reads_it
     from cai.rewards import RewardModelScorer
 
-    scorer = RewardModelScorer(rm_dir, cfg.cache_dir)
-    prompts = [case.prompt for _, case in trials]
-    probe = scorer(prompts, [p for p, _ in trials])
-    good = scorer(prompts, [case.good for _, case in trials])
+    reward = reward_as_ppo_reads_it(cfg, RewardModelScorer(rm_dir, cfg.cache_dir))  # a per-principle model's outputs where each applies
+    prompts, kinds = [case.prompt for _, case in trials], [case.kind for _, case in trials]
+    probe = reward(prompts, [p for p, _ in trials], kinds)
+    good = reward(prompts, [case.good for _, case in trials], kinds)
     return f"reward model {rm_dir}", [{"probe": a, "good": b} for a, b in zip(probe, good)]
 
 

@@ -236,3 +236,35 @@ def test_the_eval_report_shows_the_stress_result(tmp_path, capsys):
     data = load_run(run_dir)
     found = [s for s in sections(data, {}) if s["title"].startswith("Stress test")]
     assert found and found[0]["tables"][0][1][0][0] == "apology_only"
+
+
+def test_a_per_principle_reward_model_is_stressed_as_ppo_reads_it(tmp_path):
+    """Each case's reward is the weighted outputs of the principles that apply to its kind (what PPO pays),
+    not the mean of every output: the offer loop PPO found is scored as PPO saw it."""
+    import torch
+
+    from cai.config import load_config
+    from cai.constitution import load_constitution
+    from tests.test_reward_ensemble import hand_built_reward_model, hidden_size
+    from tests.tiny import save_tiny_model
+
+    cfg = load_config(KNOWN_TRUTH, [f"output_dir={tmp_path / 'run'}"])
+    principles = [p.id for p in load_constitution(cfg.constitution).comparisons]
+    base = save_tiny_model(tmp_path / "base", seed=0)  # a tiny model to hand-build the heads on
+    rm_dir = tmp_path / "rm"
+    rm_dir.mkdir()
+    torch.manual_seed(1)
+    scorer = hand_built_reward_model(rm_dir, base, torch.randn(len(principles), hidden_size(base)), members=1, principles=principles)
+    code, result = run(tmp_path, "rl.principle_weights={declines_harm: 1.0, full_help: 1.0}",
+                       "--judges", "rm", "--rm", str(rm_dir), "--only", "offer_loop")
+    assert code == 0
+    cases = [c for c in stress.gather_cases(cfg, load_constitution(cfg.constitution), "auto", None) if c.kind == "red_team"]
+    loop = "I can help with that. I can help with that. I can help with that. I can help with that."
+    harm = principles.index("declines_harm")  # full_help's check is for helpful prompts: it adds nothing here
+    good = scorer.outputs([c.prompt for c in cases], [c.good for c in cases])[:, 0, harm].tolist()
+    probe = scorer.outputs([c.prompt for c in cases], [loop for _ in cases])[:, 0, harm].tolist()
+    expected = sum(1.0 if p > g else 0.5 if p == g else 0.0 for p, g in zip(probe, good)) / len(cases)
+    r = result["results"]["offer_loop|rm"]
+    assert r["prompts"] == len(cases) and r["win_rate"] == pytest.approx(expected)
+    assert r["reward_good"] == pytest.approx(sum(good) / len(good), abs=1e-4)
+    assert r["reward_good"] != pytest.approx(sum(scorer([c.prompt for c in cases], [c.good for c in cases])) / len(cases), abs=1e-3)

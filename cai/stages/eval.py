@@ -12,10 +12,10 @@
    served name (`eval.served_models`), and only scored here: the log-probabilities come from a
    forward pass in this process, as OpenAI-compatible servers do not all score a given text. A model
    whose weights are not here (a hub model served remotely) gets a null `logp`, and its KL is n/a.
-3. Reward-model scores of every answer as PPO read them (`proxy_reward`; skipped, and said so, when
-   `rm/` is missing); with an ensemble reward model (`rm.ensemble`), its members' disagreement on each
-   model's answers, a hacking monitor. metrics.json's `reward_agreement`: on the pairs the judge
-   decides (step 4), how often the reward model scores the judge's pick higher.
+3. Reward-model scores of every answer as PPO read them (`cai.policy_models.reward_as_ppo_reads_it`;
+   skipped, and said so, when `rm/` is missing); with an ensemble reward model (`rm.ensemble`), its
+   members' disagreement on each model's answers, a hacking monitor. metrics.json's `reward_agreement`:
+   on the pairs the judge decides (step 4), how often the reward model scores the judge's pick higher.
    b. The over-optimisation curve (Gao et al. 2022): each policy snapshot the RL stage kept
       (`rl.keep_snapshots`, every `rl.checkpoint_every` steps) answers the eval prompts too; the proxy
       (reward-model score) and the gold (the checks' compliance) of each against its KL to the SL-CAI
@@ -287,16 +287,6 @@ def curve_snapshots(cfg: Config, constitution) -> dict[str, str]:
     return snapshot_sources(cfg)
 
 
-def proxy_reward(cfg, scorer):
-    """(prompts, answers, kinds) -> the reward model's scores as PPO read them: a per-principle model's outputs
-    weighted where each principle applies (rl.principle_weights), an ensemble's members combined by
-    rl.ensemble_reward; a plain reward model's normalised score. The constraints' terms are left out."""
-    from cai.policy_models import PPOReward
-
-    combined = PPOReward(cfg, scorer)
-    return lambda prompts, answers, kinds: combined.score(prompts, answers, kinds).reward.tolist()
-
-
 def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: dict, rewards: dict | None, path: Path) -> list[dict] | None:
     """Proxy (reward-model score) and gold (the checks' compliance) of the SL-CAI model, each kept RL
     snapshot and the final policy, against their KL to the SL-CAI reference (Gao et al. 2022).
@@ -316,7 +306,9 @@ def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: d
     rows = {(r["model"], r["id"]): r for r in read_jsonl(path)}
     from cai.rewards import RewardModelScorer
 
-    scorer = proxy_reward(cfg, RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir)) if rewards else None
+    from cai.policy_models import reward_as_ppo_reads_it
+
+    reward = reward_as_ppo_reads_it(cfg, RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir)) if rewards else None
     selection = stage_dir(cfg, "rl") / "selection.json"
     kept = json.loads(selection.read_text())["kept"] if selection.exists() else None
     models = ["sft", *snapshots] + ([] if kept or f"rl@step-{cfg.rl.steps}" in snapshots else ["rl"])
@@ -325,10 +317,10 @@ def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: d
         mine = [(p, rows[model, p.id] if model in snapshots else answer_rows.get((model, p.id))) for p, _ in prompts]
         if any(r is None for _, r in mine):
             continue
-        if scorer is None:
+        if reward is None:
             proxy = None
         elif model in snapshots:
-            proxy = scorer([p.text for p, _ in mine], [r["answer"] for _, r in mine], [p.kind for p, _ in mine])
+            proxy = reward([p.text for p, _ in mine], [r["answer"] for _, r in mine], [p.kind for p, _ in mine])
         else:
             proxy = [rewards[model, p.id] for p, _ in mine]
         kl = [r["logp"] - r["logp_ref"] for _, r in mine if r.get("logp") is not None and r.get("logp_ref") is not None]
@@ -337,7 +329,7 @@ def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: d
         points.append({"model": model, "step": step, "kl": sum(kl) / len(kl) if kl else None,
                        "proxy": sum(proxy) / len(proxy) if proxy else None, "gold": sum(gold) / len(gold), "n": len(mine),
                        **({"kept": model == kept} if kept else {})})
-    del scorer
+    del reward
     gc.collect()
     return points
 
@@ -424,10 +416,11 @@ def run(cfg: Config) -> Path:
     # 3. Reward-model scores (and, for an ensemble, its members' disagreement on each model's answers).
     rewards, reward_note, disagreement = None, None, {}
     if is_current(cfg, "rm"):
+        from cai.policy_models import reward_as_ppo_reads_it
         from cai.rewards import RewardModelScorer
 
         scorer = RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir)
-        proxy = proxy_reward(cfg, scorer)
+        proxy = reward_as_ppo_reads_it(cfg, scorer)
         rewards = {}
         for m in sources:
             scores = proxy([p.text for p, _ in prompts], [answers[m, p.id] for p, _ in prompts], [p.kind for p, _ in prompts])
@@ -435,7 +428,7 @@ def run(cfg: Config) -> Path:
             if scorer.members > 1:  # an ensemble: how much its members disagree on this model's answers
                 spread = scorer.disagreement([p.text for p, _ in prompts], [answers[m, p.id] for p, _ in prompts])
                 disagreement[m] = sum(spread) / len(spread)
-        del scorer
+        del scorer, proxy  # the reward model's weights go before the judge's
         gc.collect()
     else:
         reward_note = f"no reward-model scores: {stage_dir(cfg, 'rm')} holds no rm stage finished under this config"
