@@ -477,9 +477,12 @@ def run(cfg: Config) -> Path:
     accelerator.wait_for_everyone()  # no process leaves while the main one still saves
     accelerator.end_training()
     if torch.distributed.is_initialized():
-        # Tear the process group down here, while no gloo thread waits for Python: left to the DDP
-        # model's destructor, a non-main process could hang at exit joining such a thread (seen on CPU).
-        del model, optimizer
+        # The process group must die by destroy_process_group, whose handle releases the GIL while gloo's
+        # threads are joined. The DDP model's reducer holds the group too, and accelerate and a reference
+        # cycle keep the model alive past `del`: when the garbage collector freed it at exit, the reducer
+        # joined those threads holding the GIL while one of them needed it to free a finished collective's
+        # tensors, and the process hung (seen once in a test on CPU, torch 2.13). So the model goes first.
+        model, optimizer = accelerator.free_memory(model, optimizer)  # and collects the garbage
         torch.distributed.destroy_process_group()
     if summary is None:
         return stage.path
