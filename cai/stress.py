@@ -17,7 +17,8 @@ optimiser's search by hand, cheaply, before the GPU hours:
    - `checks`: the rules judge, the constitution's checks (pairwise under every comparison principle);
    - `judge`: the evaluation judge (`eval.judge`), e.g. the rules judge by checks no stage trained against
      (`eval.judge.constitution=constitutions/checkable_independent.yaml`);
-   - `rm`: the reward model of the run (`rm/`, or `--rm DIR`): its score of the probe and of the good answer;
+   - `rm`: the reward model of the run (`rm/`, or `--rm DIR`): its score of the probe and of the good answer
+     as PPO reads it (a per-principle model's outputs where each principle applies, by rl.principle_weights);
    - `labeler`: the choice labeler (local, API, pool), pairwise as the prefs stage asks, in both orders;
    - `rating`: the same labeler's 0-9 rating (d-RLAIF, prompts/score.jinja) of each;
    - `serve`: a running `cai serve` (`--serve URL`): P(probe better than the good answer), pairwise mode.
