@@ -11,8 +11,8 @@ model named scores all of them, and each column is an AUC against the checks no 
 
 0.5 is chance; 1 is a reward model that orders every such pair as the checks do. With a per-principle
 reward model (rm.per_principle) each principle's own output gets a row too, and "as PPO reads it" sums
-the outputs where each principle's check applies to the prompt's kind (cai.policy_models.PPOReward
-with the run's rl.principle_weights).
+the outputs where each principle's check applies to the prompt's kind, by the run's rl.principle_weights
+(cai.policy_models.reward_as_ppo_reads_it).
 
     python benchmarks/reward_probe.py out/quickstart/eval out/quickstart/rm other_run/rm ...
     python benchmarks/reward_probe.py out/quickstart/eval run/rm --set 'rl.principle_weights={full_help: 1}'
@@ -43,7 +43,7 @@ def probe(eval_dir: Path, rm_dir: Path, cache_dir: str, overrides: list[str] = (
     """[(row label, {kind: (auc, positives, negatives)})] for one reward model."""
     from cai import independent_checks
     from cai.config import load_config
-    from cai.policy_models import PPOReward
+    from cai.policy_models import reward_as_ppo_reads_it
     from cai.records import read_jsonl
     from cai.rewards import RewardModelScorer
 
@@ -64,7 +64,7 @@ def probe(eval_dir: Path, rm_dir: Path, cache_dir: str, overrides: list[str] = (
     rows = [("score (mean of its outputs)", row(scorer(prompts, texts)))]
     if scorer.principles:
         cfg = load_config(rm_dir / "config.yaml", list(overrides))  # the run's: its constitution, rl.principle_weights
-        rows.append(("as PPO reads it", row(PPOReward(cfg, scorer).score(prompts, texts, kinds).reward.tolist())))
+        rows.append(("as PPO reads it", row(reward_as_ppo_reads_it(cfg, scorer)(prompts, texts, kinds))))
         outputs = scorer.outputs(prompts, texts).mean(dim=1)  # [N, P]
         rows += [(f"  output: {p}", row(outputs[:, j].tolist())) for j, p in enumerate(scorer.principles)]
     return rows

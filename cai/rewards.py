@@ -135,12 +135,6 @@ class RewardModelScorer:
         raw = self.raw_outputs(prompts, answers)
         return ((raw - self.output_mean) / self.output_std).view(len(answers), self.members, -1)
 
-    def disagreement(self, prompts: list[str], answers: list[str]) -> list[float]:
-        """The members' std of each answer's score (each member's outputs averaged): 0 with one member."""
-        from cai.rl import member_disagreement
-
-        return member_disagreement(self.outputs(prompts, answers).mean(dim=2)).tolist()
-
     def raw(self, prompts: list[str], answers: list[str]) -> list[float]:
         """Scores before normalisation: the mean of the raw outputs (the only output, for most reward models)."""
         return self.raw_outputs(prompts, answers).mean(dim=1).tolist()

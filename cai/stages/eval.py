@@ -304,9 +304,8 @@ def overoptimization_curve(cfg, templates, prompts, constitution, answer_rows: d
         return None
     write_answers(cfg, templates, snapshots, prompts, path, [], path.with_suffix(".unused"))
     rows = {(r["model"], r["id"]): r for r in read_jsonl(path)}
-    from cai.rewards import RewardModelScorer
-
     from cai.policy_models import reward_as_ppo_reads_it
+    from cai.rewards import RewardModelScorer
 
     reward = reward_as_ppo_reads_it(cfg, RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir)) if rewards else None
     selection = stage_dir(cfg, "rl") / "selection.json"
@@ -416,19 +415,17 @@ def run(cfg: Config) -> Path:
     # 3. Reward-model scores (and, for an ensemble, its members' disagreement on each model's answers).
     rewards, reward_note, disagreement = None, None, {}
     if is_current(cfg, "rm"):
-        from cai.policy_models import reward_as_ppo_reads_it
+        from cai.policy_models import PPOReward
         from cai.rewards import RewardModelScorer
 
-        scorer = RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir)
-        proxy = reward_as_ppo_reads_it(cfg, scorer)
+        proxy = PPOReward(cfg, RewardModelScorer(stage_dir(cfg, "rm"), cfg.cache_dir))  # the reward as PPO read it
         rewards = {}
         for m in sources:
-            scores = proxy([p.text for p, _ in prompts], [answers[m, p.id] for p, _ in prompts], [p.kind for p, _ in prompts])
-            rewards.update({(m, p.id): s for (p, _), s in zip(prompts, scores)})
-            if scorer.members > 1:  # an ensemble: how much its members disagree on this model's answers
-                spread = scorer.disagreement([p.text for p, _ in prompts], [answers[m, p.id] for p, _ in prompts])
-                disagreement[m] = sum(spread) / len(spread)
-        del scorer, proxy  # the reward model's weights go before the judge's
+            scored = proxy.score([p.text for p, _ in prompts], [answers[m, p.id] for p, _ in prompts], [p.kind for p, _ in prompts])
+            rewards.update({(m, p.id): s for (p, _), s in zip(prompts, scored.reward.tolist())})
+            if scored.disagreement is not None:  # an ensemble: how much its members disagree on this model's answers
+                disagreement[m] = float(scored.disagreement.mean())
+        del proxy  # the reward model's weights go before the judge's
         gc.collect()
     else:
         reward_note = f"no reward-model scores: {stage_dir(cfg, 'rm')} holds no rm stage finished under this config"
