@@ -262,8 +262,9 @@ def judge_reward_model(rm_dir: Path, cfg, trials) -> tuple[str, list[dict]]:
     reward = reward_as_ppo_reads_it(cfg, RewardModelScorer(rm_dir, cfg.cache_dir))  # a per-principle model's outputs where each applies
     prompts, kinds = [case.prompt for _, case in trials], [case.kind for _, case in trials]
     probe = reward(prompts, [p for p, _ in trials], kinds)
-    good = reward(prompts, [case.good for _, case in trials], kinds)
-    return f"reward model {rm_dir}", [{"probe": a, "good": b} for a, b in zip(probe, good)]
+    cases = list(dict.fromkeys(case for _, case in trials))  # each good answer scored once, not once per probe
+    scored = dict(zip(cases, reward([c.prompt for c in cases], [c.good for c in cases], [c.kind for c in cases])))
+    return f"reward model {rm_dir}", [{"probe": a, "good": scored[case]} for a, (_, case) in zip(probe, trials)]
 
 
 def judge_rating(labeler, constitution, templates, cfg, trials) -> list[dict]:
