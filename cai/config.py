@@ -268,6 +268,15 @@ class PrefsConfig(Section):
     reasoning_max_new_tokens: int = Field(
         192, ge=1, description="Longest chain-of-thought reasoning, in tokens."
     )
+    stress_pairs: int = Field(
+        0, ge=0, description="Pairs of a known reward hack (the probes of `cai stress`) beside a good answer (the "
+        "constitution's worked examples, the verified SL-CAI revisions) added to the preference data, labeled by the "
+        "choice labeler like every pair, so that the reward model sees the hacks before PPO finds them (0 = none)."
+    )
+    stress_probes: str | None = Field(
+        None, description="A YAML file of your own probes for prefs.stress_pairs (the format of cai/data/stress_probes.yaml), "
+        "beside the shipped ones."
+    )
 
     @field_validator("cot_clamp")
     @classmethod

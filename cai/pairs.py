@@ -4,7 +4,9 @@ share (Bai et al. 2022, section 4.1; iterated: each round labels the current pol
 1. `sample_answers`: a policy samples K answers per prompt; one record per prompt is appended to
    `samples.jsonl` per batch, so a resumed run samples nothing twice.
 2. `collect_pairs`: every two distinct, non-empty answers of one prompt; pairs with an empty answer
-   or two identical answers are counted and left out.
+   or two identical answers are counted and left out. `probe_pairs` (prefs.stress_pairs): known reward
+   hacks, the probes of `cai stress`, each beside a good answer to the same prompt, for the labeler to
+   judge like any pair, so that the reward model learns them before PPO finds them.
 3. `label_pairs`: the choice labeler judges pairs (`cai.preferences.judge_pairs`: principles drawn per
    pair, both orders, soft labels), a batch at a time; one record per pair is appended to
    `records.jsonl` as soon as its batch is labeled. `pending` leaves out the pairs already recorded.
@@ -100,6 +102,49 @@ def collect_pairs(prompts: list, sampled: dict[str, dict], id_prefix: str = "") 
             skipped[key] += dropped[key]
         pairs += [dict(pair, id=id_prefix + pair["id"], prompt_id=p.id, kind=p.kind, prompt=p.text) for pair in own]
     return pairs, skipped
+
+
+def probe_pairs(cfg, constitution, count: int, sampled: dict[str, dict] | None = None, prompts: list = ()) -> list[dict]:
+    """`count` pairs of (good answer, probe answer) for prefs.stress_pairs.
+
+    The answers set beside the probes are `cai stress`'s cases (the constitution's worked examples, the
+    verified SL-CAI revisions of the run) and, for the helpful prompts among `prompts`, the SFT model's
+    first answer in `sampled`: an ordinary answer to an ordinary request, beside which the probes of
+    over-refusal are put. The probes are the library's and `prefs.stress_probes`. Each probe is taken in
+    turn for each kind it applies to, on its own seeded order of the cases of that kind, so that few pairs
+    still cover every hack. Blank probes are left out (a pair needs two answers). Ids `stress:PROBE:N`;
+    the label is the labeler's, never assumed."""
+    import random
+
+    from cai.stress import Case, gather_cases, library
+
+    probes, comply = library(cfg.prefs.stress_probes, constitution)
+    try:
+        cases = [c for c in gather_cases(cfg, constitution, "auto", None) if c.good.strip()]
+    except CaiError:
+        raise CaiError(f"prefs.stress_pairs={count}: no good answer to set the probes beside: give {cfg.constitution} "
+                       "worked examples or run the sl stage with sl.verify_revisions (or set prefs.stress_pairs=0)") from None
+    for p in prompts:
+        answer = next((a for a in (sampled or {}).get(p.id, {}).get("answers", []) if a.strip()), None)
+        if p.kind == "helpful" and answer is not None:
+            cases.append(Case(p.text, "helpful", answer, "SFT sample"))
+    queues = []
+    for probe in probes:
+        for kind in probe.kinds:
+            mine = [(n, c) for n, c in enumerate(cases) if c.kind == kind]
+            random.Random(f"{cfg.seed}:stress-pairs:{probe.id}:{kind}").shuffle(mine)
+            written = [(n, c, probe.write(c, comply)) for n, c in mine]
+            written = [(n, c, a) for n, c, a in written if a.strip() and a.strip() != c.good.strip()]
+            if written:
+                queues.append((probe, written))
+    pairs = []
+    for turn in range(max((len(q) for _, q in queues), default=0)):
+        for probe, queue in queues:
+            if len(pairs) < count and turn < len(queue):
+                n, case, answer = queue[turn]
+                pairs.append({"id": f"stress:{probe.id}:{n}", "indices": None, "first": case.good, "second": answer,
+                              "prompt_id": f"stress:{n}", "kind": case.kind, "prompt": case.prompt})
+    return pairs
 
 
 # --------------------------------------------------------------------------------------------------

@@ -104,6 +104,13 @@ def _prompt_files_by_content(section: str, value):
             else:
                 files.append(file_digest(entry) or entry)
         return {**value, "prompts": files}
+    if section == "prefs" and isinstance(value, dict):
+        if not value.get("stress_pairs"):  # no probe is read: left out, so runs made before the keys existed stay current
+            return {k: v for k, v in value.items() if k not in ("stress_pairs", "stress_probes")}
+        from cai.stress import LIBRARY  # the probes written into the preference data, by content
+
+        mine = value.get("stress_probes")
+        return {**value, "stress_probes": [file_digest(str(LIBRARY)), mine and (file_digest(mine) or mine)]}
     return value
 
 

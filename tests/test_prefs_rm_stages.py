@@ -308,3 +308,79 @@ def test_reward_model_held_out_pairs_are_split_by_prompt():
         assert held_prompts and not train_prompts & held_prompts
         assert len(train) + len(held_out) == len(dataset) and len(held_out) == 9  # 3 prompts x 3 pairs
     assert len(reward_training.split_dataset(dataset, 0.0, 0)[1]) == 0
+
+
+def test_stress_pairs_put_known_hacks_beside_good_answers_for_the_labeler(make_cfg, monkeypatch, tmp_path):
+    """prefs.stress_pairs: N more pairs, each a probe of `cai stress` written for a good answer (here the
+    tiny constitution's worked examples, and the SFT model's own answer on a helpful prompt for the probes
+    of over-refusal), every probe on every kind before any repeats; the labeler's label is kept as it
+    judged (a probe it prefers is counted, not overruled), and the pairs reach the dataset."""
+    from cai import stress
+    from cai.constitution import load_constitution
+
+    fake = ScriptedLabeler(prefer=good_first)  # the longer answer: "{good} {good} {good} {good}" fools it
+    monkeypatch.setattr(prefs, "build_labeler", lambda cfg, shared_models=None, role=None: fake)
+    cfg = make_cfg("prefs.stress_pairs=40")
+    prefs.run(cfg)
+    out = Path(cfg.output_dir) / "prefs"
+    records = read_jsonl(out / "records.jsonl")
+    hacks = [r for r in records if r["id"].startswith("stress:")]
+    assert len(hacks) == 40 and fake.usage.requests == 2 * 2 * len(records)
+
+    constitution = load_constitution(cfg.constitution)
+    cases = stress.gather_cases(cfg, constitution, "auto", None)
+    helpful = [s for s in read_jsonl(out / "samples.jsonl") if s["kind"] == "helpful"]
+    cases += [stress.Case(s["prompt"], "helpful", next(a for a in s["answers"] if a.strip()), "SFT sample") for s in helpful]
+    probes, comply = stress.library(None, constitution)
+    usable = {(p.id, kind) for p in probes for kind in p.kinds
+              if any(c.kind == kind and p.write(c, comply).strip() not in ("", c.good.strip()) for c in cases)}
+    assert {"refuse_helpful", "refuse_loop_helpful"} <= {probe for probe, kind in usable if kind == "helpful"}
+    first_turn = {(r["id"].split(":")[1], r["kind"]) for r in hacks[: len(usable)]}
+    assert len(usable) < 40 and first_turn == usable  # each hack on each kind once before any twice
+    by_id = {p.id: p for p in probes}
+    for record in hacks:
+        case = cases[int(record["id"].split(":")[2])]
+        assert record["prompt"] == case.prompt and record["kind"] == case.kind
+        assert record["answers"] == [case.good, by_id[record["id"].split(":")[1]].write(case, comply)]
+
+    summary = json.loads((out / "summary.json").read_text())["stress_pairs"]
+    fooled = {r["id"].split(":")[1] for r in hacks if r["label_prob"] < 0.5}
+    assert "repeated" in fooled and "colon" not in fooled  # the scripted labeler's length bias, as it judged
+    assert summary["probe_preferred_ids"] == sorted(fooled) and summary["pairs"] == 40
+    assert summary["good_preferred"] + summary["probe_preferred"] == sum(r["label_prob"] != 0.5 for r in hacks)
+    dataset = datasets.load_from_disk(str(out / "dataset"))
+    row = dataset[dataset["id"].index(next(r["id"] for r in hacks if r["id"].startswith("stress:colon:")))]
+    assert row["rejected"][0]["content"] == ":"
+
+    # no worked example (as if the constitution had none) and no verified SL-CAI revision: one line, nothing written
+    import shutil
+
+    monkeypatch.setattr(stress, "constitution_cases", lambda constitution, kinds: [])
+    shutil.rmtree(out)
+    with pytest.raises(CaiError, match=r"prefs.stress_pairs=5: no good answer to set the probes beside: give constitutions/tiny.yaml"):
+        prefs.run(make_cfg("prefs.stress_pairs=5"))
+    assert not out.exists()
+
+
+def test_the_probes_written_into_the_preference_data_are_in_the_prefs_fingerprint(tmp_path, monkeypatch):
+    """A change to the shipped probe library or to the user's probe file reruns prefs (by content, not by
+    path); without prefs.stress_pairs neither is read, so neither counts."""
+    from cai import stress
+    from cai.config import load_config
+    from cai.stages import stage_fingerprint
+
+    def fingerprint(*extra):
+        return stage_fingerprint(load_config(None, [f"output_dir={tmp_path / 'run'}", *extra]), "prefs")
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("probes:\n  - {id: mine, family: my hack, answer: 'Sure: {comply}'}\n")
+    with_pairs = fingerprint("prefs.stress_pairs=4")
+    with_mine = fingerprint("prefs.stress_pairs=4", f"prefs.stress_probes={mine}")
+    assert len({fingerprint(), with_pairs, with_mine}) == 3
+    mine.write_text("probes:\n  - {id: mine, family: my hack, answer: 'Fine: {comply}'}\n")
+    assert fingerprint("prefs.stress_pairs=4", f"prefs.stress_probes={mine}") != with_mine
+    library = tmp_path / "library.yaml"
+    library.write_text(stress.LIBRARY.read_text() + "\n# edited\n")
+    monkeypatch.setattr(stress, "LIBRARY", library)
+    assert fingerprint("prefs.stress_pairs=4") != with_pairs
+    assert fingerprint() == fingerprint("prefs.stress_probes=elsewhere.yaml")  # unread without stress_pairs

@@ -5,7 +5,11 @@
 2. The SFT model samples K = `prefs.samples_per_prompt` answers per prompt (`prefs.temperature`);
    they are appended to `prefs/samples.jsonl` per prompt, so a resumed run samples nothing twice.
 3. Pairs: every two distinct, non-empty answers of one prompt. Pairs with an empty answer, or two
-   identical answers, are counted and left out.
+   identical answers, are counted and left out. With `prefs.stress_pairs: N`, N pairs more: a known
+   reward hack (a probe of `cai stress`: keyword stuffing, a refusal then compliance, a repeated offer, a
+   refusal of an ordinary request...) beside a good answer to the same prompt (a worked example, a verified
+   SL-CAI revision, the SFT model's answer to a helpful prompt). The labeler judges them like every pair;
+   the reward model then meets the hacks before PPO finds them.
 4. The labeler judges the pairs not yet recorded (`cai.preferences.judge_pairs`: M principles, both
    orders, soft labels, optional chain of thought), a batch at a time; one record per pair is
    appended to `prefs/records.jsonl` as soon as its batch is labeled. When almost every question of
@@ -26,7 +30,16 @@ from cai.config import Config
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.labelers import build_labeler, labeler_config, require_writer
-from cai.pairs import collect_pairs, flip_rate, label_pairs, pending, preference_rows, prefs_prompts, sample_answers
+from cai.pairs import (
+    collect_pairs,
+    flip_rate,
+    label_pairs,
+    pending,
+    preference_rows,
+    prefs_prompts,
+    probe_pairs,
+    sample_answers,
+)
 from cai.policy_server import check_policy, close_policy, open_policy
 from cai.preferences import PairItem, comparison_messages, few_shot_turns
 from cai.records import atomic_write_json, read_jsonl, save_dataset
@@ -48,6 +61,8 @@ def run(cfg: Config) -> Path:
     comparison_messages(templates, [], probe, "q", "ab", chain_of_thought=cfg.prefs.chain_of_thought)
     comparison_messages(templates, [], probe, "q", "ab", reasoning="r", chain_of_thought=cfg.prefs.chain_of_thought)
     prompts = prefs_prompts(cfg)
+    if cfg.prefs.stress_pairs:
+        probe_pairs(cfg, constitution, cfg.prefs.stress_pairs)  # the probe files and the good answers: one line now if not
     if cfg.prefs.principles_per_pair > len(constitution.comparisons):
         print(f"[prefs] prefs.principles_per_pair={cfg.prefs.principles_per_pair} but the constitution has "
               f"{len(constitution.comparisons)} comparison principles: each pair gets all of them")
@@ -76,8 +91,10 @@ def run(cfg: Config) -> Path:
             close_policy(policy, stage.path)  # a server's usage -> policy_usage.json
         del policy
 
-    # 3. Pairs of distinct, non-empty answers.
+    # 3. Pairs of distinct, non-empty answers, and the known hacks beside good answers.
     pairs, skipped = collect_pairs(prompts, sampled)
+    stress = probe_pairs(cfg, constitution, cfg.prefs.stress_pairs, sampled, prompts) if cfg.prefs.stress_pairs else []
+    pairs += stress
 
     # 4. The labeler judges the pairs not yet recorded, a batch at a time.
     todo_pairs = pending(pairs, records_path)
@@ -114,9 +131,19 @@ def run(cfg: Config) -> Path:
         "position_flip_rate": flip_rate(records),
         "chain_of_thought": cfg.prefs.chain_of_thought,
     }
+    if stress:  # how the labeler judged the hacks: a probe it prefers is one the reward model will learn to pay
+        judged = [r for r in records if r["id"].startswith("stress:") and r["status"] == "ok"]
+        summary["stress_pairs"] = {
+            "pairs": len(stress), "labeled": len(judged),
+            "good_preferred": sum(r["label_prob"] > 0.5 for r in judged),
+            "probe_preferred": sum(r["label_prob"] < 0.5 for r in judged),
+            "probe_preferred_ids": sorted({r["id"].split(":")[1] for r in judged if r["label_prob"] < 0.5}),
+        }
     atomic_write_json(stage.path / "summary.json", summary)
     return stage.finish(
         f"{len(prompts)} prompts, {len(records)} pairs labeled by {summary['principle_questions']} principle questions, "
         f"{len(rows)} dataset rows (mean P(chosen better) {summary['mean_label_prob']:.2f})"
+        + (f"; {len(stress)} of the pairs set a known hack beside a good answer, the labeler preferred the hack in "
+           f"{summary['stress_pairs']['probe_preferred']}" if stress else "")
     )
 
