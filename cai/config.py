@@ -378,6 +378,10 @@ class RLConfig(Section):
         "or module.path:function taking (prompts, answers) -> list of floats.",
     )
     steps: int = Field(10, ge=1, description="Optimisation steps: PPO batches of rollouts, or TRL trainer steps.")
+    seed: int | None = Field(
+        None, description="Seed of PPO's sampling and batch order (None = the run's seed). Another value reruns PPO alone on "
+        "the same prompts, SL-CAI model and reward model: how far PPO's own noise moves a result."
+    )
     batch_size: int = Field(8, ge=1, description="Prompts per step per process (PPO rollouts; TRL per-device batch).")
     minibatch_size: int = Field(4, ge=1, description="PPO: rollouts per optimizer step; must divide batch_size.")
     ppo_epochs: int = Field(2, ge=1, description="PPO: passes over each batch of rollouts.")

@@ -648,3 +648,24 @@ def test_no_stage_imports_another_and_nothing_below_imports_a_stage():
             if imported & stage_modules - {path.stem}:
                 offenders.append(f"{path.relative_to(ROOT)} imports {sorted(imported & stage_modules)}")
     assert offenders == []
+
+
+def test_rl_seed_redraws_only_ppo_and_leaves_the_stages_before_it_current(rl_config, tmp_path):
+    """rl.seed: the same prompts and reward, other rollouts; rl.seed equal to the run's seed is the run as
+    it was; unset, it changes no fingerprint (runs made before the key existed stay current)."""
+    from cai.config import load_config
+    from cai.stage_state import fingerprint_parts
+
+    short = ("rl.steps=1", "rl.batch_size=4", "rl.minibatch_size=2", "rl.samples=0")
+    answers = {}
+    for name, extra in (("default", ()), ("same", ("rl.seed=0",)), ("other", ("rl.seed=7",))):
+        cfg = rl_config(*short, *extra, f"output_dir={tmp_path / name}")
+        run_rl(cfg)
+        step = metrics(cfg)[0]  # what the rollouts were: their reward, length and entropy
+        answers[name] = (step["reward_mean"], step["answer_length"], step["entropy"])
+    assert answers["same"] == answers["default"] and answers["other"] != answers["default"]
+    base = load_config(None, [f"output_dir={tmp_path / 'x'}"])
+    seeded = load_config(None, [f"output_dir={tmp_path / 'x'}", "rl.seed=7"])
+    assert all(stage_fingerprint(base, s) == stage_fingerprint(seeded, s) for s in ("sl", "sft", "prefs", "rm"))
+    assert stage_fingerprint(base, "rl") != stage_fingerprint(seeded, "rl")
+    assert "seed" not in fingerprint_parts(base, "rl")["rl"]

@@ -110,6 +110,11 @@ def rl_prompts(cfg: Config, tokenizer) -> list[tuple[str, str, str]]:
     return kept
 
 
+def ppo_seed(cfg: Config) -> int:
+    """rl.seed, else the run's seed: what PPO's sampling and batch order are drawn from."""
+    return cfg.seed if cfg.rl.seed is None else cfg.rl.seed
+
+
 def batch_for_step(prompts: list, step: int, global_batch: int, seed: int) -> list:
     """The global batch of one step: the prompts in a seeded order, reshuffled on every pass."""
     n, orders, out = len(prompts), {}, []
@@ -190,7 +195,7 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
     # 1. Sample answers from exactly softmax(logits / temperature): no top-k/top-p, and none of the
     #    penalties a model's generation_config would add (they would bias the old log-probs and the KL).
     query = tokenizer([b[1] for b in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    torch.manual_seed(stable_seed(cfg.seed, "rl-sample", step, accelerator.process_index))
+    torch.manual_seed(stable_seed(ppo_seed(cfg), "rl-sample", step, accelerator.process_index))
     with torch.no_grad(), accelerator.autocast():
         output = unwrapped.policy.generate(
             **query, max_new_tokens=rl.max_new_tokens or cfg.policy.max_new_tokens, pad_token_id=pad_id,
@@ -249,7 +254,7 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
 
     # 7. PPO epochs over shuffled minibatches, with gradient accumulation and clipping.
     stats = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")}
-    shuffle = torch.Generator().manual_seed(stable_seed(cfg.seed, "rl-minibatch", step, accelerator.process_index))
+    shuffle = torch.Generator().manual_seed(stable_seed(ppo_seed(cfg), "rl-minibatch", step, accelerator.process_index))
     for _ in range(rl.ppo_epochs):
         for minibatch in torch.randperm(len(batch), generator=shuffle).split(rl.minibatch_size):
             micro_batches = minibatch.split(micro)
@@ -439,7 +444,7 @@ def run(cfg: Config) -> Path:
             if round_at(bounds, step) != current_round:
                 current_round = round_at(bounds, step)
                 reward_fn, reward = next_round(current_round)
-            rows = batch_for_step(prompts, step, global_batch, cfg.seed)
+            rows = batch_for_step(prompts, step, global_batch, ppo_seed(cfg))
             rank = accelerator.process_index
             m = ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokenizer,
                          rows[rank * rl.batch_size : (rank + 1) * rl.batch_size], reward)
