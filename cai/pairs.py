@@ -104,19 +104,19 @@ def collect_pairs(prompts: list, sampled: dict[str, dict], id_prefix: str = "") 
     return pairs, skipped
 
 
-def probe_pairs(cfg, constitution, count: int, sampled: dict[str, dict] | None = None, prompts: list = ()) -> list[dict]:
+def probe_pairs(cfg, constitution, count: int) -> list[dict]:
     """`count` pairs of (good answer, probe answer) for prefs.stress_pairs.
 
-    The answers set beside the probes are `cai stress`'s cases (the constitution's worked examples, the
-    verified SL-CAI revisions of the run) and, for the helpful prompts among `prompts`, the SFT model's
-    first answer in `sampled`: an ordinary answer to an ordinary request, beside which the probes of
-    over-refusal are put. The probes are the library's and `prefs.stress_probes`. Each probe is taken in
+    The answers set beside the probes are `cai stress`'s cases: the constitution's worked examples, the
+    verified SL-CAI revisions of the run and, once the prefs stage has sampled them, the SFT model's
+    answers to its helpful prompts (an ordinary answer to an ordinary request, beside which the probes of
+    over-refusal are put). The probes are the library's and `prefs.stress_probes`. Each probe is taken in
     turn for each kind it applies to, on its own seeded order of the cases of that kind, so that few pairs
     still cover every hack. Blank probes are left out (a pair needs two answers). Ids `stress:PROBE:N`;
     the label is the labeler's, never assumed."""
     import random
 
-    from cai.stress import Case, gather_cases, library
+    from cai.stress import gather_cases, library
 
     probes, comply = library(cfg.prefs.stress_probes, constitution)
     try:
@@ -124,10 +124,6 @@ def probe_pairs(cfg, constitution, count: int, sampled: dict[str, dict] | None =
     except CaiError:
         raise CaiError(f"prefs.stress_pairs={count}: no good answer to set the probes beside: give {cfg.constitution} "
                        "worked examples or run the sl stage with sl.verify_revisions (or set prefs.stress_pairs=0)") from None
-    for p in prompts:
-        answer = next((a for a in (sampled or {}).get(p.id, {}).get("answers", []) if a.strip()), None)
-        if p.kind == "helpful" and answer is not None:
-            cases.append(Case(p.text, "helpful", answer, "SFT sample"))
     queues = []
     for probe in probes:
         for kind in probe.kinds:

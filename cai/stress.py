@@ -7,7 +7,9 @@ optimiser's search by hand, cheaply, before the GPU hours:
 
 1. Cases: prompts, each with a good answer — the constitution's worked examples (a critique example's
    revision, a comparison example's better response), the SL-CAI revisions of the run that passed
-   verification (`sl/records.jsonl`), or a JSONL file of {"prompt", "answer", "kind"} (`--good`).
+   verification (`sl/records.jsonl`), the SFT model's answers to the helpful prompts of the prefs stage
+   (`prefs/samples.jsonl`: the reference for the probes of over-refusal), or a JSONL file of {"prompt",
+   "answer", "kind"} (`--good`).
 2. Probes: a library of adversarial answers (cai/data/stress_probes.yaml: apologies without a decline,
    a decline then compliance, keyword stuffing, empty and one-token answers, the prompt echoed, padding
    and repetition, chat markup, instructions to the judge, labels placed to be misread, another
@@ -165,6 +167,19 @@ def sl_cases(run_dir: Path) -> list[Case]:
     return cases
 
 
+def helpful_cases(run_dir: Path) -> list[Case]:
+    """The SFT model's first answer to each helpful prompt of the prefs stage (`prefs/samples.jsonl`): an
+    ordinary answer to an ordinary request, the reference for the probes of over-refusal."""
+    from cai.records import read_jsonl
+
+    cases = []
+    for sample in read_jsonl(run_dir / "prefs" / "samples.jsonl"):
+        answer = next((a for a in sample.get("answers", []) if a.strip()), None)
+        if sample.get("kind") == "helpful" and answer is not None:
+            cases.append(Case(sample["prompt"], "helpful", answer, "SFT answer to a helpful prompt"))
+    return cases
+
+
 def file_cases(path: str) -> list[Case]:
     file = Path(path).expanduser()
     if not file.is_file():
@@ -186,8 +201,9 @@ def file_cases(path: str) -> list[Case]:
 
 
 def gather_cases(cfg, constitution, source: str, limit: int | None) -> list[Case]:
-    """The cases of `--good`: auto (the constitution's examples and the verified SL-CAI revisions),
-    constitution, sl, or a JSONL file; without repeated prompts, at most `limit` of each kind."""
+    """The cases of `--good`: auto (the constitution's examples, the verified SL-CAI revisions and the SFT
+    model's answers to the prefs stage's helpful prompts), constitution, sl, or a JSONL file; without
+    repeated prompts, at most `limit` of each kind."""
     from cai.labelers.rules import prompt_kinds
 
     kinds = prompt_kinds(cfg)
@@ -199,7 +215,8 @@ def gather_cases(cfg, constitution, source: str, limit: int | None) -> list[Case
             raise _error(f"--good sl: {Path(cfg.output_dir).expanduser() / 'sl' / 'records.jsonl'} holds no revision "
                          "that passed verification (sl.verify_revisions)")
     elif source == "auto":
-        cases = constitution_cases(constitution, kinds) + sl_cases(Path(cfg.output_dir).expanduser())
+        run_dir = Path(cfg.output_dir).expanduser()
+        cases = constitution_cases(constitution, kinds) + sl_cases(run_dir) + helpful_cases(run_dir)
     else:
         cases = file_cases(source)
     seen, out, per_kind = set(), [], {}
@@ -410,7 +427,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "set apart from the choice labeler), rm (when rm/ is finished), labeler and rating (when the choice "
                         "labeler is not the rules judge), serve (with --serve)")
     parser.add_argument("--good", default="auto", metavar="SOURCE",
-                        help="good answers: auto (the constitution's worked examples and the verified SL-CAI revisions), "
+                        help="good answers: auto (the constitution's worked examples, the verified SL-CAI revisions and the SFT "
+                        "model's answers to the prefs stage's helpful prompts), "
                         "constitution, sl, or a JSONL file of {prompt, answer, kind}")
     parser.add_argument("--probes", metavar="FILE", help="a YAML file of your own probes (the format of cai/data/stress_probes.yaml)")
     parser.add_argument("--only", metavar="IDS", help="comma-separated probe ids or families to run (default: all)")

@@ -328,9 +328,9 @@ def test_stress_pairs_put_known_hacks_beside_good_answers_for_the_labeler(make_c
     assert len(hacks) == 40 and fake.usage.requests == 2 * 2 * len(records)
 
     constitution = load_constitution(cfg.constitution)
-    cases = stress.gather_cases(cfg, constitution, "auto", None)
+    cases = stress.gather_cases(cfg, constitution, "auto", None)  # now with the SFT model's answers to helpful prompts
     helpful = [s for s in read_jsonl(out / "samples.jsonl") if s["kind"] == "helpful"]
-    cases += [stress.Case(s["prompt"], "helpful", next(a for a in s["answers"] if a.strip()), "SFT sample") for s in helpful]
+    assert [c.prompt for c in cases if c.kind == "helpful"] == [s["prompt"] for s in helpful]
     probes, comply = stress.library(None, constitution)
     usable = {(p.id, kind) for p in probes for kind in p.kinds
               if any(c.kind == kind and p.write(c, comply).strip() not in ("", c.good.strip()) for c in cases)}

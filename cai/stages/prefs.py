@@ -93,7 +93,7 @@ def run(cfg: Config) -> Path:
 
     # 3. Pairs of distinct, non-empty answers, and the known hacks beside good answers.
     pairs, skipped = collect_pairs(prompts, sampled)
-    stress = probe_pairs(cfg, constitution, cfg.prefs.stress_pairs, sampled, prompts) if cfg.prefs.stress_pairs else []
+    stress = probe_pairs(cfg, constitution, cfg.prefs.stress_pairs) if cfg.prefs.stress_pairs else []  # samples written: helpful cases too
     pairs += stress
 
     # 4. The labeler judges the pairs not yet recorded, a batch at a time.
