@@ -270,7 +270,8 @@ class PrefsConfig(Section):
     )
     stress_pairs: int = Field(
         0, ge=0, description="Pairs of a known reward hack (the probes of `cai stress`) beside a good answer (the "
-        "constitution's worked examples, the verified SL-CAI revisions) added to the preference data, labeled by the "
+        "constitution's worked examples, the verified SL-CAI revisions, the SFT model's answers to helpful prompts) added to "
+        "the preference data, labeled by the "
         "choice labeler like every pair, so that the reward model sees the hacks before PPO finds them (0 = none)."
     )
     stress_probes: str | None = Field(
