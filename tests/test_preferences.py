@@ -3,10 +3,12 @@ local labeler's soft-label path on a tiny model (shared prefixes, both orders ba
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
+import transformers
 
 from cai.constitution import ComparisonPrinciple, load_constitution
 from cai.labelers.base import Choice, ChoiceRequest, Generation
@@ -273,10 +275,17 @@ def test_chain_of_thought_on_the_local_model(tiny_generator):
     assert verdict.status == ("ok" if readable else "unparseable")
 
 
+class ChangedCache(transformers.DynamicCache):
+    """A transformers release whose cache cannot be rebuilt from per-layer tensors, as cai does."""
+
+    def __init__(self, *args, **kwargs):
+        if args:
+            raise TypeError("DynamicCache() takes no per-layer data any more")
+        super().__init__(**kwargs)
+
+
 def test_failed_prefix_sharing_falls_back_to_full_passes_with_the_same_result(monkeypatch):
     """A transformers release whose cache cannot be rebuilt as cai does: a warning, then the same numbers."""
-    import transformers
-
     from tests.tiny import make_tiny_model, make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer()
@@ -284,16 +293,87 @@ def test_failed_prefix_sharing_falls_back_to_full_passes_with_the_same_result(mo
     items = [ITEM, PairItem("p2", [{"role": "user", "content": "Tell me a story."}], "Once upon a time.", "No.")]
     expected = judge_pairs(Local(generator, share=False), items, TINY, Templates(), settings=settings())
 
-    class ChangedCache(transformers.DynamicCache):
-        def __init__(self, *args, **kwargs):
-            if args:
-                raise TypeError("DynamicCache() takes no per-layer data any more")
-            super().__init__(**kwargs)
-
     monkeypatch.setattr("cai.labelers.local.DynamicCache", ChangedCache)
     with pytest.warns(RuntimeWarning, match="computing every sequence in full"):
         shared = judge_pairs(Local(generator), items, TINY, Templates(), settings=settings())
     assert [s.label for s in shared] == pytest.approx([e.label for e in expected], abs=1e-5)
+    assert generator.share_prefix is False
+
+
+FEW_SHOT = [
+    {"role": "user", "content": "Critique: the response is rude. Please rewrite the response so that it is kind. " * 3},
+    {"role": "assistant", "content": "Revision: the response is polite and accurate."},
+]
+
+
+def few_shot_requests(temperature: float) -> list:
+    from cai.labelers import GenerateRequest
+
+    asks = ["How do I bake bread?", "Tell me a story about a cat and a dog who became friends.", "Hi", "What is the capital of France?"]
+    return [GenerateRequest(FEW_SHOT + [{"role": "user", "content": ask}], max_new_tokens=12, temperature=temperature, sample_index=j)
+            for ask in asks for j in range(2)]
+
+
+def written_tokens(generator, requests) -> list[torch.Tensor]:
+    """What generate wrote for each batch (the last max_new_tokens columns): a random tiny model
+    mostly writes special tokens, which the answer's text leaves out."""
+    outputs = []
+    generate = generator.model.generate
+    generator.model.generate = lambda *a, **k: outputs.append(generate(*a, **k)) or outputs[-1]
+    try:
+        generator.generate(requests)
+    finally:
+        del generator.model.generate
+    return [out[:, -requests[0].max_new_tokens :] for out in outputs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16: what a GPU user's policy runs in
+def test_a_few_shot_batch_computes_its_common_prefix_once_and_writes_what_a_plain_batch_writes(dtype, monkeypatch):
+    from tests.tiny import make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_model(tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        for weight in model.parameters():  # wider weights than the default init: each prompt gets its own greedy answer
+            if weight.dim() == 2:
+                weight.data.normal_(0, 0.5)
+    generator = LocalGenerator(model.to(dtype), tokenizer, batch_size=8)
+    for temperature in (0.0, 0.7):  # greedy, and sampling from the same distributions with the same seed
+        generator.share_prefix = False
+        plain = written_tokens(generator, few_shot_requests(temperature))
+        generator.share_prefix = True
+        seen = []  # the shape of every forward pass's input
+        forward = generator.model.forward
+
+        @functools.wraps(forward)  # generate reads forward's signature (position_ids) through the wrapper
+        def counting_forward(*args, **kwargs):
+            seen.append(kwargs["input_ids"].shape)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(generator.model, "forward", counting_forward)
+        shared = written_tokens(generator, few_shot_requests(temperature))
+        monkeypatch.undo()
+        assert len(shared) == len(plain) == 1 and torch.equal(shared[0], plain[0])
+        assert len(set(map(tuple, plain[0].tolist()))) > 1  # the rows differ: a real comparison
+        longest = max(g.input_tokens for g in generator.generate(few_shot_requests(temperature)))
+        assert seen[0][0] == 1 and seen[0][1] >= LocalGenerator.MIN_SHARED_TOKENS  # the conversation, once
+        assert seen[1][0] == 8 and seen[0][1] + seen[1][1] == longest  # then only what follows it
+
+
+def test_a_generate_call_that_cannot_share_its_prefix_warns_once_and_writes_the_same(monkeypatch):
+    from tests.tiny import make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    generator = LocalGenerator(make_tiny_model(tokenizer), tokenizer, batch_size=8)
+    generator.share_prefix = False
+    expected = written_tokens(generator, few_shot_requests(0.0))
+    generator.share_prefix = True
+
+    monkeypatch.setattr("cai.labelers.local.DynamicCache", ChangedCache)
+    with pytest.warns(RuntimeWarning, match="generating every prompt in full"):
+        shared = written_tokens(generator, few_shot_requests(0.0))
+    assert torch.equal(shared[-1], expected[0])
     assert generator.share_prefix is False
 
 
