@@ -19,6 +19,7 @@ from cai.errors import CaiError
 from cai.records import read_jsonl
 from cai.stages import sl
 from tests.conftest import ROOT
+from cai.labelers.base import Generation
 from tests.fakes import ScriptedLabeler, shown_answers
 
 
@@ -56,6 +57,29 @@ def test_round_two_critiques_the_revision_of_round_one(tiny_config, scripted):
     first_revision = record["rounds"][0]["revision"]
     second_critique_prompts = [c for c in scripted.calls if first_revision in c and "Critique:" not in c]
     assert second_critique_prompts, "round 2's critique request must show round 1's revision"
+
+
+def test_a_round_that_meets_the_same_answer_and_principle_draws_anew_through_the_answer_cache(tiny_config, monkeypatch, tmp_path):
+    """Every revision turned down, so round 2 sees round 1's answer, often under the same principle: its
+    critique and revisions are new samples, not round 1's served again by the cache."""
+    from cai.labelers.cache import CachedLabeler
+
+    class Sampler(ScriptedLabeler):  # a sampler: the same request twice gets two different answers
+        def generate(self, requests, desc=None, **kwargs):
+            return [Generation(text=f"{g.text} [draw {len(self.calls) - len(requests) + i}]")
+                    for i, g in enumerate(super().generate(requests, desc, **kwargs))]
+
+    writer = CachedLabeler(Sampler(), tmp_path / "cache.sqlite")
+    judge = ScriptedLabeler(prefer=lambda text: 0.5)  # no revision is better than the answer
+    monkeypatch.setattr(sl, "build_labeler", lambda cfg, shared_models=None, role="text": judge if role == "choices" else writer)
+    out = sl.run(tiny_config("sl.rounds=2", "sl.verify_revisions=true", "sl.revision_candidates=2"))
+    records = [r for r in read_jsonl(out / "records.jsonl") if r["kind"] == "red_team"]
+    repeated = [r for r in records if r["rounds"][0]["principle_id"] == r["rounds"][1]["principle_id"]]
+    assert repeated and not any(r["revised"] for r in records)
+    for r in repeated:
+        first, second = r["rounds"]
+        assert second["critique"] != first["critique"]
+        assert not {c["revision"] for c in second["candidates"]} & {c["revision"] for c in first["candidates"]}
 
 
 def test_principles_are_seeded_by_prompt_and_round(tiny_config):

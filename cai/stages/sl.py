@@ -109,8 +109,13 @@ def critique_and_revise(
             templates.render("critique.jinja", prompt=p.text, response=answer, critique_request=pr.critique)
             for p, answer, pr in zip(prompts, current, principles)
         ]
+        # Each round is a new draw: the round is in the sample index, which the seed and the answer cache
+        # both key on. Without it a round that meets the same answer under the same principle (the usual
+        # case for a revision the verifier turned down, with sl.critique_failed_checks) would be served
+        # round 1's critique and revisions again from the cache: on the demo 12 of 13 such prompts were.
         critiques = labeler.generate(
-            [GenerateRequest(shots["critique"] + [{"role": "user", "content": c}], **sampling) for c in critique_prompts],
+            [GenerateRequest(shots["critique"] + [{"role": "user", "content": c}], sample_index=r, **sampling)
+             for c in critique_prompts],
             desc=f"critique round {r + 1}",
             reject_refusals=True,  # a critic that refuses to critique is asked again, then marked unparseable
         )
@@ -127,7 +132,7 @@ def critique_and_revise(
         ]
         n = cfg.sl.revision_candidates  # > 1 only with a verifier, which picks among them
         written = labeler.generate(
-            [GenerateRequest(shots["revision"] + [{"role": "user", "content": c}], sample_index=j, **sampling)
+            [GenerateRequest(shots["revision"] + [{"role": "user", "content": c}], sample_index=r * n + j, **sampling)
              for c in revision_prompts for j in range(n)],
             desc=f"revision round {r + 1}",
         )
