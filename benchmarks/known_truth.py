@@ -27,7 +27,13 @@ bootstrap intervals over prompts, gains paired against the initial model.
     python benchmarks/known_truth.py                      # exact + shipped (sized for ~60 min on 2 quiet cores)
     python benchmarks/known_truth.py --variants all       # every variant (about 15 minutes more each)
     python benchmarks/known_truth.py --small              # a few minutes: smoke-size, for development
+    python benchmarks/known_truth.py --rl-seeds 0,1,2     # each PPO policy again under rl.seed 1 and 2 (~11 min each)
     python benchmarks/known_truth.py --record             # also write its section of benchmarks/RESULTS.md
+
+PPO on 8 rollouts a step moves as far between seeds as between levers (the demo's run reseeded declined
+44%, 31% and 69% of held-out harmful requests), so one run ranks nothing: `--rl-seeds` trains each PPO
+policy again under each `rl.seed` on the same SL-CAI model, labels and reward model, and reports each
+target quantity per seed, their mean and range, and on how many seeds the target was reached.
 
 Reruns resume: finished stages are skipped (the stage machinery), so a killed run continues.
 """
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -95,9 +102,53 @@ def trained(cfg, timings: dict, label: str, notes: list) -> bool:
 
 
 def copy_stages(source: Path, target: Path, stages=("sl", "sft", "prefs")) -> None:
+    """Finished stages of `source` into `target`, as hard links where the file system allows (a reward
+    model is ~0.5 GB; the stages never write into a finished stage's files, they replace the folder)."""
     for stage in stages:
         if not (target / stage).exists():
-            shutil.copytree(source / stage, target / stage)
+            shutil.copytree(source / stage, target / stage, copy_function=link_or_copy)
+
+
+def link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def reseeded(config: Path, overrides: list[str], base: Path, seeds: list[int], timings: dict, notes: list) -> dict[int, Path]:
+    """{rl.seed: run folder} of one PPO policy: `base` itself at its own seed, and for every other seed a
+    copy of its finished sl, sft, prefs and rm with only rl and eval run again (rl.seed reseeds PPO alone,
+    so the copied stages stay current)."""
+    own = load_config(config, [f"output_dir={base}", *overrides])
+    runs = {}
+    for seed in seeds:
+        if seed == (own.rl.seed if own.rl.seed is not None else own.seed):
+            runs[seed] = base
+            continue
+        run_dir = base.with_name(f"{base.name}-seed{seed}")
+        copy_stages(base, run_dir, ("sl", "sft", "prefs", "rm"))
+        cfg = load_config(config, [*overrides, f"output_dir={run_dir}", f"rl.seed={seed}", "eval.models=[rl]"])
+        if trained(cfg, timings, run_dir.name, notes):
+            runs[seed] = run_dir
+    return runs
+
+
+def seed_table(by_seed: dict[str, dict[int, dict]]) -> str:
+    """Per PPO policy and rl.seed, issue 17's target quantities; then their mean and range over the seeds."""
+    lines = ["| policy | rl.seed | declines_harm, points [95% CI] | over-refusal, points (worse reader) | full_help, points | "
+             "gold curve | target |", "|---|---:|---:|---:|---:|---|---|"]
+    for title, targets in by_seed.items():
+        for seed, t in sorted(targets.items()):
+            d, f = t["declines_harm_gain"], t["full_help_gain"]
+            lines.append(f"| {title} | {seed} | {pct(d['mean'])} {ci(d)} | {signed(t['over_refusal_gain'])} | {pct(f['mean'])} | "
+                         f"{'falls' if t['gold_falls'] else 'holds'} | {'**reached**' if t['reached'] else 'not reached'} |")
+        spread = lambda values: "n/a" if not values else f"{100 * sum(values) / len(values):+.1f} ({100 * min(values):+.1f} … {100 * max(values):+.1f})"  # noqa: E731
+        column = lambda get: [v for v in (get(t) for t in targets.values()) if v is not None]  # noqa: E731
+        lines.append(f"| **{title}: mean (range)** | {len(targets)} seeds | {spread(column(lambda t: t['declines_harm_gain']['mean']))} | "
+                     f"{spread(column(lambda t: t['over_refusal_gain']))} | {spread(column(lambda t: t['full_help_gain']['mean']))} | "
+                     f"holds on {sum(not t['gold_falls'] for t in targets.values())} | reached on {sum(t['reached'] for t in targets.values())} of {len(targets)} |")
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -329,6 +380,10 @@ def main(argv=None) -> int:
                         "about 10 minutes each)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma-separated variants trained on the exact run's SL-CAI model, or 'all' ({', '.join(VARIANTS)}); '' = none")
+    parser.add_argument("--rl-seeds", default="",
+                        help="comma-separated rl.seed values: each PPO policy (the exact run's and each PPO variant's) trained "
+                        "again under each on the same reward model, and the spread reported (about 11 minutes a seed); '' = "
+                        "the config's seed alone")
     parser.add_argument("--record", action="store_true", help="write the result's section of benchmarks/RESULTS.md")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (key.path=value)")
     args = parser.parse_args(argv)
@@ -417,6 +472,26 @@ def main(argv=None) -> int:
     targets = {title: target_verdict(run_of[title], "rl", out / "exact", results[title], crosscheck.get(title), curves.get(title), exact.seed)
                for title in results if title in run_of}
 
+    # 5. PPO reseeded: the same policies under other rl.seed values, to tell a lever from PPO's own noise
+    by_seed: dict[str, dict[int, dict]] = {}
+    seeds = [int(x) for x in args.rl_seeds.split(",") if x.strip()]
+    ppo = [("SL-CAI → PPO", CONFIG, common, out / "exact")]
+    ppo += [(VARIANTS[n][0], VARIANTS[n][1], [*common, *VARIANTS[n][2]], out / n) for n in names
+            if VARIANTS[n][0] in targets and load_config(VARIANTS[n][1], VARIANTS[n][2]).rl.algorithm == "ppo"]
+    for title, config, overrides, base in ppo if seeds else []:
+        by_seed[title] = {}
+        for seed, run_dir in reseeded(config, overrides, base, seeds, timings, notes).items():
+            if run_dir == base:  # the run made above, at its own seed
+                by_seed[title][seed] = targets[title]
+                continue
+            result = summarise(per_prompt(run_dir)["rl"], baseline, exact.seed)
+            independent = (summarise(per_prompt(run_dir, independent=True)["rl"], independent_baseline, exact.seed)
+                           if independent_baseline else None)
+            curve = curve_of(run_dir, exact.seed)
+            if curve and curve[0]["model"] != "sft":
+                curve = curves["SL-CAI → PPO"][:1] + curve  # the same SL-CAI model, sampled once by the exact run
+            by_seed[title][seed] = target_verdict(run_dir, "rl", out / "exact", result, independent, curve, exact.seed)
+
     elapsed = time.time() - started
     lines = [table(results), "",
              "The same policies judged by checks no stage trained against (constitutions/checkable_independent.yaml, "
@@ -427,6 +502,8 @@ def main(argv=None) -> int:
              "most 5 points, and a gold curve that never falls between snapshots by more than its interval:", "",
              target_table(targets, lengths), "", "Proxy (reward model, normalised) and gold (compliance with the training checks, "
              "% [95% CI]) of each PPO policy's snapshots, against their KL to SL-CAI:", "", curve_table(curves), "",
+             *(["PPO reseeded (`--rl-seeds`): the same SL-CAI model, labels and reward model, only rl.seed changed; the "
+                "target's quantities per seed, then their mean and range:", "", seed_table(by_seed), ""] if by_seed else []),
              *(["Reward-side monitors (rl/metrics.json): " + "; ".join(f"{t}: {m}" for t, m in monitors.items() if m), ""] if any(monitors.values()) else []),
              "Simulated labelers' preference labels against the checks (pairs the checks do not call a tie):", "",
              "| accuracy | position bias | label sides with the checks, both orders % [95% CI] | one order % [95% CI] | pairs |",
@@ -442,7 +519,7 @@ def main(argv=None) -> int:
     print("\n" + text)
     atomic_write_text(out / "results.md", text + "\n")
     (out / "results.json").write_text(json.dumps({"results": results, "independent_checks": crosscheck, "check_pass_rates": rates,
-                                                   "targets": targets, "answer_words": lengths, "curves": curves, "monitors": monitors,
+                                                   "targets": targets, "targets_by_rl_seed": by_seed, "answer_words": lengths, "curves": curves, "monitors": monitors,
                                                    "label_quality": quality, "timings": timings,
                                                    "notes": notes, "seconds": elapsed, "small": args.small,
                                                    "overrides": args.overrides}, indent=1))
