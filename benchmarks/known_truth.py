@@ -273,6 +273,14 @@ def curve_of(run_dir: Path, seed: int) -> list[dict]:
     return out
 
 
+def with_sl_cai_point(curve: list[dict], exact_curve: list[dict]) -> list[dict]:
+    """A run evaluated with eval.models=[rl] has no SL-CAI point; it is the exact run's (the same SL-CAI
+    model, sampled once there), put first so that the curve starts where PPO did."""
+    if curve and curve[0]["model"] != "sft" and exact_curve[:1] and exact_curve[0]["model"] == "sft":
+        return [exact_curve[0], *curve]
+    return curve
+
+
 def rl_monitors(run_dir: Path) -> str:
     """The ensemble's disagreement and each constraint's multiplier over the run, in a phrase."""
     metrics = run_dir / "rl" / "metrics.json"
@@ -411,6 +419,7 @@ def main(argv=None) -> int:
     curves = {"SL-CAI → PPO": curve_of(out / "exact", exact.seed)}
     lengths = {title: answer_words(out / "exact", model) for model, title in (("initial", "initial"), ("sft", "SL-CAI"), ("rl", "SL-CAI → PPO"))}
     monitors = {}
+    ppo = [("SL-CAI → PPO", CONFIG, common, out / "exact")]  # (title, config, overrides, run) of each PPO policy trained
     names = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
     for name in names:
         if name not in VARIANTS:
@@ -429,10 +438,10 @@ def main(argv=None) -> int:
         results[title] = {"labeler": labeler_name, **summarise(per_prompt(out / name)["rl"], baseline, exact.seed)}
         rates[title] = check_rates(out / name, "rl")
         lengths[title] = answer_words(out / name, "rl")
-        curves[title] = curve_of(out / name, exact.seed)
-        if curves[title] and curves[title][0]["model"] != "sft" and curves["SL-CAI → PPO"][:1] and curves["SL-CAI → PPO"][0]["model"] == "sft":
-            curves[title].insert(0, curves["SL-CAI → PPO"][0])  # the same SL-CAI model: eval.models=[rl] samples it once
+        curves[title] = with_sl_cai_point(curve_of(out / name, exact.seed), curves["SL-CAI → PPO"])
         monitors[title] = rl_monitors(out / name)
+        if cfg.rl.algorithm == "ppo":  # rl.seed reseeds cai's PPO alone
+            ppo.append((title, config, [*common, *overrides], out / name))
 
     # 3. simulated labelers on the same pairs
     quality = {}
@@ -475,9 +484,6 @@ def main(argv=None) -> int:
     # 5. PPO reseeded: the same policies under other rl.seed values, to tell a lever from PPO's own noise
     by_seed: dict[str, dict[int, dict]] = {}
     seeds = [int(x) for x in args.rl_seeds.split(",") if x.strip()]
-    ppo = [("SL-CAI → PPO", CONFIG, common, out / "exact")]
-    ppo += [(VARIANTS[n][0], VARIANTS[n][1], [*common, *VARIANTS[n][2]], out / n) for n in names
-            if VARIANTS[n][0] in targets and load_config(VARIANTS[n][1], VARIANTS[n][2]).rl.algorithm == "ppo"]
     for title, config, overrides, base in ppo if seeds else []:
         by_seed[title] = {}
         for seed, run_dir in reseeded(config, overrides, base, seeds, timings, notes).items():
@@ -487,9 +493,7 @@ def main(argv=None) -> int:
             result = summarise(per_prompt(run_dir)["rl"], baseline, exact.seed)
             independent = (summarise(per_prompt(run_dir, independent=True)["rl"], independent_baseline, exact.seed)
                            if independent_baseline else None)
-            curve = curve_of(run_dir, exact.seed)
-            if curve and curve[0]["model"] != "sft":
-                curve = curves["SL-CAI → PPO"][:1] + curve  # the same SL-CAI model, sampled once by the exact run
+            curve = with_sl_cai_point(curve_of(run_dir, exact.seed), curves["SL-CAI → PPO"])
             by_seed[title][seed] = target_verdict(run_dir, "rl", out / "exact", result, independent, curve, exact.seed)
 
     elapsed = time.time() - started

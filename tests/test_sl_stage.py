@@ -16,10 +16,10 @@ import pytest
 
 from cai.constitution import load_constitution
 from cai.errors import CaiError
+from cai.labelers.base import Generation
 from cai.records import read_jsonl
 from cai.stages import sl
 from tests.conftest import ROOT
-from cai.labelers.base import Generation
 from tests.fakes import ScriptedLabeler, shown_answers
 
 

@@ -146,8 +146,7 @@ class LocalGenerator:
         if common < self.MIN_SHARED_TOKENS:
             return None
         try:
-            head = torch.tensor([ids[0][:common]], device=self.device)
-            _, head_cache = self._forward(head, torch.ones_like(head), torch.arange(common, device=self.device)[None])
+            head, head_cache = self._prefix_cache(ids[0][:common])
             rest, rest_mask = self._pad([x[common:] for x in ids], "left")
             input_ids = torch.cat([head.expand(len(ids), -1), rest], 1)
             attention_mask = torch.cat([torch.ones_like(head).expand(len(ids), -1), rest_mask], 1)
@@ -255,6 +254,12 @@ class LocalGenerator:
         cache = out.get("cache") if "cache" in out else out.get("past_key_values")
         return out.logits[:, -keep:, :].float(), cache
 
+    def _prefix_cache(self, tokens: list[int]):
+        """One pass over a prefix shared by many sequences: ([1, len] token ids, its key/value cache)."""
+        head = torch.tensor([tokens], device=self.device)
+        _, cache = self._forward(head, torch.ones_like(head), torch.arange(len(tokens), device=self.device)[None])
+        return head, cache
+
     def _pad(self, pieces: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in pieces)
         ids = torch.full((len(pieces), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -353,8 +358,7 @@ class LocalGenerator:
             return
         n_groups = len(chunk)
         # (0) the prefix that the whole chunk shares, once
-        head = torch.tensor([first[:common]], device=self.device)
-        _, head_cache = self._forward(head, torch.ones_like(head), torch.arange(common, device=self.device)[None])
+        _, head_cache = self._prefix_cache(first[:common])
         # (1) each group's shared part after it: batches of similar length (the two orders of a pair
         # are almost the same length), right-padded; their caches are then zero-padded to one length
         # and stacked, the padding masked, so that no forward pass is spent on padding.
