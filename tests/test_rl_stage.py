@@ -43,6 +43,15 @@ def slow_letter_e_reward(prompts: list[str], answers: list[str]) -> list[float]:
     return letter_e_reward(prompts, answers)
 
 
+SEEN_PROMPTS: list[str] = []
+
+
+def recording_reward(prompts: list[str], answers: list[str]) -> list[float]:
+    """Remembers the prompts it was asked to score; 0 for every answer."""
+    SEEN_PROMPTS.extend(prompts)
+    return [0.0] * len(answers)
+
+
 def prompt_parity_reward(prompts: list[str], answers: list[str]) -> list[float]:
     """Depends on the prompt only: a value model can predict it exactly."""
     return [2.0 * (len(p) % 2) for p in prompts]
@@ -428,6 +437,25 @@ def test_grpo_and_rloo_train_on_the_reward_with_a_kl_penalty(rl_config, algorith
     assert all("reward" in entry for entry in summary["log"])
     assert any(entry.get("kl", 0.0) > 0 for entry in summary["log"])  # the reference is in the loss
     assert all(isinstance(s["reward"], float) for s in read_jsonl(out / "samples.jsonl"))
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_grpo_and_rloo_rewards_read_the_users_request_not_the_policys_template(rl_config, algorithm, tmp_path):
+    # TRL hands a reward the prompt as the policy read it: the user turn answer.jinja made of the request.
+    # A reward model puts the request into that template itself and the checks find its kind by it, so
+    # the reward must get the request, as PPO's does; with an edited answer.jinja the two differ.
+    from cai.promptsets import split_prompts
+
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "answer.jinja").write_text("Answer in one short paragraph.\n\n{{ prompt }}\n")
+    cfg = rl_config(f"rl.algorithm={algorithm}", "rl.reward=tests.test_rl_stage:recording_reward", "rl.steps=1",
+                    "rl.batch_size=4", "rl.group_size=2", "rl.samples=0", f"templates={templates}")
+    SEEN_PROMPTS.clear()
+    run_rl(cfg)
+    split = split_prompts(cfg.data, cfg.seed)["rl"]
+    requests = {p.text for kind in split.values() for p in kind}
+    assert len(SEEN_PROMPTS) == 4 and set(SEEN_PROMPTS) <= requests
 
 
 # --------------------------------------------------------------------------------------------------

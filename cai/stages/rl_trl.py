@@ -30,13 +30,19 @@ from cai.training import check_tracker, device_arguments, last_checkpoint, lora_
 
 
 def trl_reward(reward_fn):
-    """cai's reward(prompts, answers) as a TRL reward function(prompts, completions, **columns)."""
+    """cai's reward(prompts, answers) as a TRL reward function(prompts, completions, **columns).
 
-    def cai_reward(prompts, completions, **_):
+    TRL hands the reward the prompt as the policy read it, whose user turn is what answer.jinja made of
+    the request. A reward reads the request itself, as PPO's does (a reward model renders answer.jinja
+    again, the checks look up the prompt's kind by it), so it gets the dataset's `prompt_text` column,
+    which TRL passes along per completion; an edited answer.jinja would otherwise change every reward."""
+
+    def cai_reward(prompts, completions, prompt_text=None, **_):
         def text(x):
             return x[-1]["content"] if isinstance(x, list) else x
 
-        return [float(v) for v in reward_fn([text(p) for p in prompts], [text(c) for c in completions])]
+        asked = list(prompt_text) if prompt_text is not None else [text(p) for p in prompts]
+        return [float(v) for v in reward_fn(asked, [text(c) for c in completions])]
 
     return cai_reward
 
@@ -96,7 +102,10 @@ def prompt_dataset(cfg: Config):
     from cai.templates import Templates
 
     templates = Templates(cfg.templates)
-    return datasets.Dataset.from_dict({"prompt": [policy_input(templates, p.text, cfg.policy.system_prompt) for p in prompts]})
+    return datasets.Dataset.from_dict({
+        "prompt": [policy_input(templates, p.text, cfg.policy.system_prompt) for p in prompts],  # what the policy reads
+        "prompt_text": [p.text for p in prompts],  # what the reward reads (trl_reward)
+    })
 
 
 def common_args(cfg: Config, output_dir: Path) -> dict:
