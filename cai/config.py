@@ -421,7 +421,13 @@ class RLConfig(Section):
     min_distinct_2: float = Field(0.2, ge=0, le=1, description="Monitor: warn when distinct-2 of the answers falls below this.")
     max_refusal_rate: float = Field(0.5, ge=0, le=1, description="Monitor: warn when the refusal rate on helpful prompts exceeds this.")
     samples: int = Field(8, ge=0, description="Eval-split prompts the final policy answers for the report (rl/samples.jsonl).")
-    group_size: int = Field(4, ge=2, description="GRPO/RLOO: answers per prompt; must divide batch_size.")
+    group_size: int = Field(4, ge=2, description="GRPO/RLOO, and PPO with rl.group_baseline: answers per prompt; must divide batch_size.")
+    group_baseline: bool = Field(
+        False, description="PPO: answer each prompt of a batch rl.group_size times (batch_size / group_size prompts) and "
+        "score each answer against the mean of its siblings' (RLOO's leave-one-out baseline) before the KL penalty: "
+        "what the reward gives every answer to a prompt alike cancels, and what is left is which answer to that "
+        "request is better.",
+    )
     vllm: Literal["off", "colocate", "server"] = Field(
         "off",
         description="GRPO/RLOO: generate with vLLM (GPU only; passed to TRL's use_vllm/vllm_mode): colocate = inside "
@@ -498,6 +504,8 @@ class RLConfig(Section):
             raise ValueError(f"rl.rounds > 1 applies to rl.algorithm ppo or dpo, not {self.algorithm}")
         if self.select_by == "validation" and self.algorithm not in ("ppo", "dpo"):
             raise ValueError(f"rl.select_by=validation chooses among the snapshots ppo and dpo keep, not {self.algorithm}'s")
+        if self.group_baseline and self.algorithm != "ppo":
+            raise ValueError(f"rl.group_baseline applies to ppo; {self.algorithm} has its own (rl.group_size)")
         if self.rounds > self.steps:
             raise ValueError(f"rl.rounds ({self.rounds}) cannot exceed rl.steps ({self.steps}): each round takes at least one step")
         return self

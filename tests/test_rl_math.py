@@ -17,6 +17,7 @@ from cai.rl import (
     gae,
     gae_reference,
     kl_penalty_per_token,
+    leave_one_out,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -105,6 +106,18 @@ def test_clip_rewards():
     close(clip_rewards(torch.tensor([-3.0, 0.5, 3.0]), 2.0), [-2.0, 0.5, 2.0])
     with pytest.raises(ValueError):
         clip_rewards(torch.tensor([1.0]), 0.0)
+
+
+def test_leave_one_out_scores_each_answer_against_its_siblings_by_hand():
+    # two prompts, three answers each: [1, 2, 6] and [4, 4, 4]
+    # 1 - (2 + 6) / 2 = -3;  2 - (1 + 6) / 2 = -1.5;  6 - (1 + 2) / 2 = 4.5;  a group scored alike -> 0
+    close(leave_one_out(torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 4.0]), 3), [-3.0, -1.5, 4.5, 0.0, 0.0, 0.0])
+    # pairs: each answer's score less the other's
+    close(leave_one_out(torch.tensor([0.5, -0.5, 2.0, 1.0]), 2), [1.0, -1.0, 1.0, -1.0])
+    with pytest.raises(ValueError, match="groups of 4"):
+        leave_one_out(torch.tensor([1.0, 2.0, 3.0]), 4)
+    with pytest.raises(ValueError):
+        leave_one_out(torch.tensor([1.0, 2.0]), 1)
 
 
 def test_kl_k1_and_k3_by_hand():

@@ -264,6 +264,42 @@ def test_batches_cover_every_prompt_and_do_not_depend_on_where_a_run_resumed():
     assert rl.batch_for_step(prompts, 3, 5, seed=0) == batches[3]
 
 
+def test_a_grouped_batch_holds_whole_groups_of_one_prompt_in_the_same_order():
+    prompts = list(range(10))
+    plain = [rl.batch_for_step(prompts, step, 2, seed=0) for step in range(5)]
+    grouped = [rl.batch_for_step(prompts, step, 6, seed=0, group_size=3) for step in range(5)]
+    assert all(len(b) == 6 for b in grouped)
+    assert [[b[0]] * 3 + [b[1]] * 3 for b in plain] == grouped  # each step's prompts, each answered 3 times in a row
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_with_a_group_baseline_a_reward_that_only_tells_prompts_apart_teaches_nothing(rl_config, monkeypatch, grouped):
+    # prompt_parity_reward scores every answer to a prompt alike: against its siblings each answer scores 0,
+    # so the score PPO shapes is 0 throughout; without groups the prompts' differences reach it. The log
+    # reports the reward's own scores either way.
+    seen = []
+    shaped = rl.shaped_rewards
+
+    def recording(score, *args):
+        seen.append(score.clone())
+        return shaped(score, *args)
+
+    monkeypatch.setattr(rl, "shaped_rewards", recording)
+    cfg = rl_config("rl.reward=tests.test_rl_stage:prompt_parity_reward", "rl.steps=2", "rl.batch_size=4",
+                    "rl.minibatch_size=2", "rl.group_size=2", f"rl.group_baseline={str(grouped).lower()}",
+                    "rl.unfinished_score=null", "rl.samples=0")
+    run_rl(cfg)
+    scores = torch.cat(seen)
+    assert len(scores) == 8
+    assert bool((scores == 0).all()) == grouped
+    assert any(m["reward_mean"] > 0 for m in metrics(cfg))  # the reward's own scores (0 or 2 each)
+
+
+def test_group_baseline_belongs_to_ppo(tiny_config):
+    with pytest.raises(CaiError, match="rl.group_baseline applies to ppo"):
+        tiny_config("rl.algorithm=rloo", "rl.group_baseline=true")
+
+
 # --------------------------------------------------------------------------------------------------
 # Models: dropout, LoRA reference, value from the reward model
 

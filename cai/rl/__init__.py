@@ -6,7 +6,8 @@ kl_penalty_per_token -> shaped_rewards -> (masked_whiten rewards) -> gae -> mask
 -> policy_loss + value_loss; the KL controller updates beta once per batch.
 A reward model with several outputs (ensemble members, principles) is reduced to the score by
 combine_principles -> combine_members; constraints enter by lagrangian_mix, their multipliers move by
-update_multipliers once per batch.
+update_multipliers once per batch; with several answers per prompt (rl.group_baseline), leave_one_out
+then takes each score relative to its siblings' before shaped_rewards.
 """
 
 from cai.rl.advantages import GAEOutput, gae, gae_reference
@@ -27,7 +28,7 @@ from cai.rl.kl import (
 )
 from cai.rl.losses import PolicyLossOutput, ValueLossOutput, policy_loss, value_loss
 from cai.rl.monitors import distinct_token_ngrams, explained_variance, pearson
-from cai.rl.rewards import clip_rewards, score_unfinished, shaped_rewards
+from cai.rl.rewards import clip_rewards, leave_one_out, score_unfinished, shaped_rewards
 from cai.rl.sequences import (
     TruncatedResponses,
     entropy_from_logits,
@@ -58,6 +59,7 @@ __all__ = [
     "gae_reference",
     "kl_penalty_per_token",
     "lagrangian_mix",
+    "leave_one_out",
     "logprobs_from_logits",
     "masked_mean",
     "masked_var",

@@ -34,6 +34,28 @@ def clip_rewards(score: Tensor, limit: float) -> Tensor:
     return score.clamp(min=-limit, max=limit)
 
 
+def leave_one_out(scores: Tensor, group_size: int) -> Tensor:
+    """Each score less the mean of its siblings': the answers to one prompt sit in consecutive groups.
+
+    score'[b] = scores[b] - (sum of scores in b's group - scores[b]) / (group_size - 1)
+
+    RLOO's baseline (Kool et al. 2019; Ahmadian et al. 2024). What every answer to a prompt scores alike
+    (how the reward rates the prompt's kind, not the answer) cancels, so the score says how this answer
+    compares with others to the same request.
+
+    Args:
+        scores: [B] float, B a multiple of group_size, each group's rows consecutive.
+        group_size: G >= 2 answers per prompt.
+    Returns:
+        [B].
+    """
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores cannot be cut into groups of {group_size} (G >= 2)")
+    groups = scores.view(-1, group_size)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).view(-1)
+
+
 def shaped_rewards(score: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
     """Per-token PPO reward: a KL penalty on every token, the score on the last one.
 

@@ -21,7 +21,8 @@ One PPO step, on every process:
  3. score the answers (answers that never end get `rl.unfinished_score`, -1 by default; scores are clipped);
     a reward model with several outputs is read as rl.* says (principles summed, ensemble members
     combined: mean, mean - coef x std or worst case); each of `rl.constraints` is mixed in by its Lagrange
-    multiplier, which then moves with how far this batch is from its bound (Safe-RLHF);
+    multiplier, which then moves with how far this batch is from its bound (Safe-RLHF); with
+    `rl.group_baseline` (each prompt answered rl.group_size times) each score less its siblings' mean;
  4. old log-probs, reference log-probs (both from logits / temperature) and values from forward passes;
     per-token rewards: -beta * KL(policy || reference) on every token, the score on the last;
  5. values and GAE advantages and returns;
@@ -72,6 +73,7 @@ from cai.rl import (
     explained_variance,
     gae,
     kl_penalty_per_token,
+    leave_one_out,
     logprobs_from_logits,
     masked_whiten,
     pearson,
@@ -115,14 +117,16 @@ def ppo_seed(cfg: Config) -> int:
     return cfg.seed if cfg.rl.seed is None else cfg.rl.seed
 
 
-def batch_for_step(prompts: list, step: int, global_batch: int, seed: int) -> list:
-    """The global batch of one step: the prompts in a seeded order, reshuffled on every pass."""
+def batch_for_step(prompts: list, step: int, global_batch: int, seed: int, group_size: int = 1) -> list:
+    """The global batch of one step: the prompts in a seeded order, reshuffled on every pass; with
+    group_size G, global_batch / G prompts, each repeated G times in a row (one group of answers each)."""
     n, orders, out = len(prompts), {}, []
-    for k in range(step * global_batch, (step + 1) * global_batch):
+    per_step = global_batch // group_size
+    for k in range(step * per_step, (step + 1) * per_step):
         if k // n not in orders:
             generator = torch.Generator().manual_seed(stable_seed(seed, "rl-order", k // n))
             orders[k // n] = torch.randperm(n, generator=generator).tolist()
-        out.append(prompts[orders[k // n][k % n]])
+        out.extend([prompts[orders[k // n][k % n]]] * group_size)
     return out
 
 
@@ -132,6 +136,8 @@ def check_batch_sizes(cfg: Config) -> None:
         raise CaiError(f"rl.batch_size ({rl.batch_size}) must be a multiple of rl.minibatch_size ({rl.minibatch_size})")
     if rl.minibatch_size % rl.grad_accum:
         raise CaiError(f"rl.minibatch_size ({rl.minibatch_size}) must be a multiple of rl.grad_accum ({rl.grad_accum})")
+    if rl.group_baseline and rl.batch_size % rl.group_size:
+        raise CaiError(f"rl.group_baseline: rl.batch_size ({rl.batch_size}) must be a multiple of rl.group_size ({rl.group_size})")
 
 
 class Progress:
@@ -224,6 +230,9 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
     if reward.constraints is not None:
         scores, constraint_logs = reward.constraints.step(scores, prompts, texts, kinds, scored.principles, accelerator.gather, device)
         reward_logs.update(constraint_logs)
+    # With rl.group_baseline, each answer scored against its siblings' (the batch holds whole groups);
+    # `scores` itself is what the log reports.
+    relative = leave_one_out(scores, rl.group_size) if rl.group_baseline else scores
 
     # 4. Old log-probs, entropy and values from the forward pass the PPO epochs repeat (so the first
     #    ratio is 1 whatever the sampler's numerics), reference log-probs; all from logits / temperature.
@@ -241,7 +250,7 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
     logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
     entropy = torch.stack(entropies).sum() / mask.sum()
     kl = kl_penalty_per_token(logprobs, ref_logprobs, mask, rl.kl_estimator)
-    rewards = shaped_rewards(scores, kl, mask, kl_ctl.value)
+    rewards = shaped_rewards(relative, kl, mask, kl_ctl.value)
     if rl.whiten_rewards and mask.sum() > 1:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
 
@@ -444,7 +453,7 @@ def run(cfg: Config) -> Path:
             if round_at(bounds, step) != current_round:
                 current_round = round_at(bounds, step)
                 reward_fn, reward = next_round(current_round)
-            rows = batch_for_step(prompts, step, global_batch, ppo_seed(cfg))
+            rows = batch_for_step(prompts, step, global_batch, ppo_seed(cfg), rl.group_size if rl.group_baseline else 1)
             rank = accelerator.process_index
             m = ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokenizer,
                          rows[rank * rl.batch_size : (rank + 1) * rl.batch_size], reward)
