@@ -516,6 +516,8 @@ def test_a_missing_sft_names_the_stage_that_makes_it(tiny_config):
         (("rl.batch_size=6", "rl.minibatch_size=4"), r"rl.batch_size \(6\) must be a multiple of rl.minibatch_size \(4\)"),
         (("rl.minibatch_size=4", "rl.grad_accum=3"), r"rl.minibatch_size \(4\) must be a multiple of rl.grad_accum \(3\)"),
         (("rl.algorithm=grpo", "rl.batch_size=6", "rl.group_size=4"), r"rl.batch_size \(6\) must be a multiple of rl.group_size \(4\)"),
+        (("rl.group_baseline=true", "rl.batch_size=6", "rl.minibatch_size=2", "rl.group_size=4"),
+         r"rl.group_baseline: rl.batch_size \(6\) must be a multiple of rl.group_size \(4\)"),
         (("rl.reward=nonsense",), "use rm, direct, or module.path:function"),
         (("rl.reward=tests.test_rl_stage:no_such_function",), "cannot import it"),
     ],
