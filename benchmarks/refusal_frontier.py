@@ -134,7 +134,8 @@ def main() -> None:
     if args.record:
         from benchmarks.results_section import record_section
 
-        record_section("refusal_frontier", "## Declines against over-refusal (`benchmarks/refusal_frontier.py`)\n\n" + text)
+        command = "python benchmarks/refusal_frontier.py " + " ".join(str(run) for run in args.runs)
+        record_section("refusal_frontier", f"**Declines against over-refusal** (`{command}`):\n\n" + text)
 
 
 if __name__ == "__main__":
