@@ -128,7 +128,10 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the runs")
     parser.add_argument("--record", action="store_true", help="write the section of benchmarks/RESULTS.md")
     args = parser.parse_args()
-    labels = dict(item.split("=", 1) for item in args.label)
+    bad = [item for item in args.label if "=" not in item]
+    if bad:
+        parser.error(f"--label {bad[0]!r}: give RUN_DIR=text")
+    labels = {str(Path(run)): text for run, text in (item.split("=", 1) for item in args.label)}
     text = report(args.runs, labels, args.resamples)
     print(text)
     if args.record:
