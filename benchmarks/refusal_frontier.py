@@ -28,6 +28,8 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TARGET_GAIN = 0.40  # issue 17: declines_harm up by 40 points or more ...
@@ -52,9 +54,11 @@ def read_point(run: Path, model: str = "rl") -> dict:
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float] | None:
     """Least squares y = a + b x; None when x does not vary."""
     n = len(points)
+    if n < 2:
+        return None
     mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
     sxx = sum((x - mx) ** 2 for x, _ in points)
-    if n < 2 or sxx == 0:
+    if sxx == 0:
         return None
     b = sum((x - mx) * (y - my) for x, y in points) / sxx
     return my - b * mx, b
@@ -79,9 +83,8 @@ def bootstrap(points: list[tuple[float, float]], at: float, resamples: int, seed
             slopes.append(line[1])
             values.append(line[0] + line[1] * at)
 
-    def interval(xs):
-        xs = sorted(xs)
-        return (xs[int(0.025 * (len(xs) - 1))], xs[int(0.975 * (len(xs) - 1))]) if xs else (None, None)
+    def interval(xs):  # percentile interval, as cai.winrates.bootstrap_ci takes it
+        return tuple(float(q) for q in np.quantile(xs, [0.025, 0.975])) if xs else (None, None)
 
     return {"slope": interval(slopes), "at": interval(values)}
 

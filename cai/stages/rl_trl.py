@@ -37,12 +37,11 @@ def trl_reward(reward_fn):
     again, the checks look up the prompt's kind by it), so it gets the dataset's `prompt_text` column,
     which TRL passes along per completion; an edited answer.jinja would otherwise change every reward."""
 
-    def cai_reward(prompts, completions, prompt_text=None, **_):
+    def cai_reward(prompts, completions, prompt_text, **_):
         def text(x):
             return x[-1]["content"] if isinstance(x, list) else x
 
-        asked = list(prompt_text) if prompt_text is not None else [text(p) for p in prompts]
-        return [float(v) for v in reward_fn(asked, [text(c) for c in completions])]
+        return [float(v) for v in reward_fn(list(prompt_text), [text(c) for c in completions])]
 
     return cai_reward
 
