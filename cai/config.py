@@ -296,6 +296,12 @@ class RMConfig(Section):
         False, description="Train on hard Bradley-Terry labels (chosen beats rejected) instead of the soft labels."
     )
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    min_label_margin: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Train and hold out only pairs whose label is at least this far from 0.5; any "
+        "value above 0 also leaves out exact ties (0.0 keeps every pair). A tie says only that two answers are worth the "
+        "same: with the constitution's checks as labeler most pairs are ties, and training on them costs time the "
+        "decisive pairs need.",
+    )
     batch_size: int = Field(8, ge=1, description="Preference pairs per device per step.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     max_length: int = Field(512, ge=16, description="Pairs whose prompt and answer exceed this many tokens are dropped.")

@@ -225,6 +225,21 @@ def with_output_columns(dataset, layout: dict, cfg: Config, records: list[dict] 
     return dataset.add_column("label_probs", labels).add_column("label_mask", masks).add_column("member_weights", weights)
 
 
+def decisive_pairs(dataset, min_margin: float):
+    """The pairs whose label P(chosen better) is at least `min_margin` from 0.5, exact ties left out too when
+    `min_margin` > 0; every pair when it is 0. Refused, in one line, when no pair is left (or there is no
+    `label_prob` column to read)."""
+    if min_margin <= 0:
+        return dataset
+    if "label_prob" not in dataset.column_names:
+        raise CaiError("rm.min_label_margin reads each pair's label_prob, and the preference dataset has none")
+    kept = [i for i, p in enumerate(dataset["label_prob"]) if p != 0.5 and abs(p - 0.5) >= min_margin]
+    if not kept:
+        raise CaiError(f"rm.min_label_margin={min_margin}: none of the {len(dataset)} preference pairs has a label that "
+                       "far from 0.5; lower it, or label more pairs")
+    return dataset.select(kept)
+
+
 def split_dataset(dataset, eval_fraction: float, seed: int):
     """(train, held-out), seeded and split by prompt: every pair of a prompt lands on the same side, so
     that held-out accuracy is measured on prompts the model never trained on (with several samples per
@@ -372,7 +387,7 @@ def train_reward_model(
             the same arguments resumes from the last checkpoint there; it is removed at the end.
 
     Returns:
-        the metrics written to `out_dir/metrics.json`: train_pairs, train_loss, steps, loss, started_from,
+        the metrics written to `out_dir/metrics.json`: train_pairs, below_label_margin, train_loss, steps, loss, started_from,
         outputs (the layout), held_out (accuracy, calibration, reward distribution on the held-out pairs;
         with several outputs each member's and each principle's accuracy and the members'
         disagreement), normalization, sft_samples_normalized.
@@ -390,7 +405,10 @@ def train_reward_model(
         if (have["members"], have["principles"]) != (layout["members"], layout["principles"]) or (n_outputs > 1 and have["share"] != layout["share"]):
             raise CaiError(f"{start_from}: its outputs {have} are not the ones rm.* asks for {layout}; train from the SFT model instead")
 
-    # Held-out pairs, split by prompt; with several outputs, each pair's labels and bootstrap weights.
+    # Decisive pairs only (rm.min_label_margin); held-out pairs, split by prompt; with several outputs, each
+    # pair's labels and bootstrap weights.
+    labeled = len(dataset)
+    dataset = decisive_pairs(dataset, cfg.rm.min_label_margin)
     train, held_out = split_dataset(dataset, cfg.rm.eval_fraction, cfg.seed)
     several = n_outputs > 1
     if several:
@@ -418,6 +436,7 @@ def train_reward_model(
     # Held-out metrics; the model, tokenizer and offsets to out_dir.
     metrics = {
         "train_pairs": len(trainer.train_dataset) if trainer is not None else len(train),  # less pairs over rm.max_length
+        "below_label_margin": labeled - len(dataset),  # pairs left out by rm.min_label_margin
         "train_loss": result.training_loss,
         "steps": result.global_step,
         "loss": "hard Bradley-Terry" if cfg.rm.hard_labels else "soft-label cross-entropy",

@@ -106,6 +106,8 @@ def _prompt_files_by_content(section: str, value):
         return {**value, "prompts": files}
     if section == "rl" and isinstance(value, dict) and value.get("seed") is None:
         return {k: v for k, v in value.items() if k != "seed"}  # the run's seed: runs made before the key existed stay current
+    if section == "rm" and isinstance(value, dict) and not value.get("min_label_margin"):
+        return {k: v for k, v in value.items() if k != "min_label_margin"}  # every pair kept: older runs stay current
     if section == "prefs" and isinstance(value, dict):
         if not value.get("stress_pairs"):  # no probe is read: left out, so runs made before the keys existed stay current
             return {k: v for k, v in value.items() if k not in ("stress_pairs", "stress_probes")}

@@ -384,3 +384,45 @@ def test_the_probes_written_into_the_preference_data_are_in_the_prefs_fingerprin
     monkeypatch.setattr(stress, "LIBRARY", library)
     assert fingerprint("prefs.stress_pairs=4") != with_pairs
     assert fingerprint() == fingerprint("prefs.stress_probes=elsewhere.yaml")  # unread without stress_pairs
+
+
+def test_min_label_margin_keeps_the_decisive_pairs_only():
+    """rm.min_label_margin: pairs whose label is nearer 0.5 than the margin are left out, exact ties too; 0
+    keeps every pair; a margin no pair meets, or a dataset without labels, is refused in one line."""
+    dataset = datasets.Dataset.from_dict({"label_prob": [0.5, 0.52, 0.571, 0.643, 0.9], "id": list("abcde")})
+    assert reward_training.decisive_pairs(dataset, 0.0) is dataset
+    assert reward_training.decisive_pairs(dataset, 0.01)["id"] == ["b", "c", "d", "e"]
+    assert reward_training.decisive_pairs(dataset, 0.1)["id"] == ["d", "e"]
+    with pytest.raises(CaiError, match=r"rm.min_label_margin=0.45: none of the 5 preference pairs"):
+        reward_training.decisive_pairs(dataset, 0.45)
+    with pytest.raises(CaiError, match="has none"):
+        reward_training.decisive_pairs(dataset.remove_columns("label_prob"), 0.1)
+
+
+def test_min_label_margin_trains_on_fewer_pairs_and_says_how_many_it_left_out(prefs_run, tmp_path):
+    """Every other pair made a tie: with a margin, the reward model trains on the others and counts the ties."""
+    make_cfg = copy_run(prefs_run[2], tmp_path / "run", ("sl", "sft", "prefs"))
+    run_dir = tmp_path / "run"
+    dataset = datasets.load_from_disk(str(run_dir / "prefs" / "dataset"))
+    dataset = dataset.map(lambda row, i: {"label_prob": 0.5 if i % 2 else row["label_prob"]}, with_indices=True)
+    ties = sum(p == 0.5 for p in dataset["label_prob"])
+    assert 0 < ties < len(dataset)
+    samples = [(s["prompt"], a) for s in read_jsonl(run_dir / "prefs" / "samples.jsonl") for a in s["answers"] if a.strip()]
+    for margin, left_out in ((0.0, 0), (0.01, ties)):
+        cfg = make_cfg("rm.eval_fraction=0", "rm.epochs=1", f"rm.min_label_margin={margin}")
+        metrics = reward_training.train_reward_model(cfg, dataset, tmp_path / f"rm{margin}", start_from=run_dir / "sft", normalize_on=samples)
+        assert metrics["below_label_margin"] == left_out and metrics["train_pairs"] == len(dataset) - left_out
+
+
+def test_min_label_margin_at_its_default_leaves_older_runs_current(tmp_path):
+    """The key is in the rm fingerprint only when it leaves pairs out, so a run made before it existed is not retrained."""
+    from cai.config import load_config
+    from cai.stages import stage_fingerprint
+    from cai.stage_state import fingerprint_parts
+
+    def cfg(*extra):
+        return load_config(None, [f"output_dir={tmp_path / 'run'}", *extra])
+
+    assert "min_label_margin" not in fingerprint_parts(cfg(), "rm")["rm"]
+    assert stage_fingerprint(cfg(), "rm") == stage_fingerprint(cfg("rm.min_label_margin=0"), "rm")
+    assert stage_fingerprint(cfg(), "rm") != stage_fingerprint(cfg("rm.min_label_margin=0.05"), "rm")
