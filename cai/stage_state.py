@@ -53,7 +53,7 @@ OPERATIONAL_KEYS = {
     },
     "sft": {"activation_checkpointing"},
     "rm": {"activation_checkpointing"},
-    "eval": {"served_models"},
+    "eval": {"served_models", "batch_size"},
 }
 OPERATIONAL_KEYS["choice_labeler"] = OPERATIONAL_KEYS["labeler"]
 # A folder under output_dir made by a command outside the pipeline's order (`cai redteam`, whose prompts

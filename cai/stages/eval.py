@@ -170,7 +170,11 @@ def load_generator(source: str, cfg: Config) -> LocalGenerator:
     from cai.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(source, cfg, None)
-    return LocalGenerator(model, tokenizer, cfg.policy.batch_size, cfg.seed, cfg.policy.system_prompt)
+    return LocalGenerator(model, tokenizer, eval_batch_size(cfg), cfg.seed, cfg.policy.system_prompt)
+
+
+def eval_batch_size(cfg: Config) -> int:
+    return cfg.eval.batch_size or cfg.policy.batch_size
 
 
 def pick_examples(sl_dir: Path, n: int) -> list[dict]:
@@ -226,7 +230,7 @@ def write_answers(cfg, templates, sources, prompts, path: Path, examples: list[d
     reference = load_generator(reference_source, cfg) if reference_source and any(todo.values()) else None
     ask = lambda text: policy_input(templates, text, cfg.policy.system_prompt)  # noqa: E731
     # A server takes a batch as concurrent requests: one record write per `concurrency` answers, not per 8.
-    batch_size = max(cfg.policy.batch_size, cfg.policy.concurrency) if cfg.policy.base_url else cfg.policy.batch_size
+    batch_size = max(eval_batch_size(cfg), cfg.policy.concurrency) if cfg.policy.base_url else eval_batch_size(cfg)
     with JsonlWriter(path) as writer:
         for model_name, source in sources.items():
             if not todo[model_name] and not (model_name == final and need_examples):
