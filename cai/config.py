@@ -407,6 +407,12 @@ class RLConfig(Section):
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
     value_clip_eps: float = Field(0.2, gt=0, description="Value clip epsilon (reward units).")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    value_model: bool = Field(
+        True, description="PPO: train a value model (the critic) and take GAE advantages from it; false = no critic: each "
+        "token's advantage is its return (the score less the KL penalties still to come), whitened over the batch "
+        "(REINFORCE with PPO's clipped ratio; with rl.group_baseline, RLOO's estimator). Saves the value model's "
+        "passes, and its errors: a critic that explains none of the returns only adds noise.",
+    )
     reward_clip: float | None = Field(5.0, gt=0, description="Clamp scores to [-x, x] before the KL penalty (None = off).")
     unfinished_score: float | None = Field(
         -1.0,
@@ -510,6 +516,8 @@ class RLConfig(Section):
             raise ValueError(f"rl.rounds > 1 applies to rl.algorithm ppo or dpo, not {self.algorithm}")
         if self.select_by == "validation" and self.algorithm not in ("ppo", "dpo"):
             raise ValueError(f"rl.select_by=validation chooses among the snapshots ppo and dpo keep, not {self.algorithm}'s")
+        if not self.value_model and self.algorithm != "ppo":
+            raise ValueError(f"rl.value_model=false applies to ppo; {self.algorithm} trains no value model")
         if self.group_baseline and self.algorithm != "ppo":
             raise ValueError(f"rl.group_baseline applies to ppo; {self.algorithm} has its own (rl.group_size)")
         if self.rounds > self.steps:

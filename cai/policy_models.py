@@ -334,7 +334,7 @@ class PolicyAndValue(torch.nn.Module):
     """What PPO trains, as one module so that accelerate wraps (DDP) and checkpoints it as one.
 
     `forward` returns the policy logits that predicted the last `n` tokens [B, n, V] and the values of
-    the states before them [B, n]. With LoRA, `policy` is a
+    the states before them [B, n] (None without a value model: `value_head` None). With LoRA, `policy` is a
     peft model with two adapters, "default" (the policy) and "value", on one base; the value pass runs
     the base with the value adapter.
     """
@@ -357,6 +357,8 @@ class PolicyAndValue(torch.nn.Module):
     def forward(self, input_ids, attention_mask, n: int):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask))
         logits = self.policy(**kwargs, logits_to_keep=n + 1, use_cache=False).logits[:, :-1]
+        if self.value_head is None:
+            return logits, None
         if self.lora:
             self.use_adapter("value")
             hidden = _backbone(self.policy)(**kwargs, use_cache=False).last_hidden_state
@@ -433,7 +435,8 @@ def zero_value_head(hidden: int, device) -> torch.nn.Linear:
 
 
 def build_models(cfg: Config, sft_dir: Path, rm_dir: Path | None, device):
-    """(PolicyAndValue, reference or None) on `device`, dropout off everywhere.
+    """(PolicyAndValue, reference or None) on `device`, dropout off everywhere; with rl.value_model=false
+    the PolicyAndValue has no value model (nothing loaded or trained for it).
 
     What trains is float32 (master weights; the compute precision `policy.dtype` names is applied by
     accelerate's autocast); what is frozen (the reference, a LoRA base) is stored in that precision.
@@ -454,18 +457,23 @@ def build_models(cfg: Config, sft_dir: Path, rm_dir: Path | None, device):
         policy = load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=compute_dtype, device=device)
         hidden = policy.config.get_text_config().hidden_size
         policy = get_peft_model(policy, lora(), autocast_adapter_dtype=True)
-        policy.add_adapter("value", lora())
+        if cfg.rl.value_model:
+            policy.add_adapter("value", lora())
         for name, param in policy.named_parameters():
             if "lora_" in name:
                 param.data = param.data.float()  # both adapters train (in float32), the base stays frozen
             param.requires_grad_("lora_" in name)
-        module = PolicyAndValue(policy, None, zero_value_head(hidden, device), lora=True)
+        module = PolicyAndValue(policy, None, zero_value_head(hidden, device) if cfg.rl.value_model else None, lora=True)
         module.use_adapter("default")
-        print("[rl] LoRA: the reference is the policy with its adapter disabled; the value model is a second adapter")
+        print("[rl] LoRA: the reference is the policy with its adapter disabled"
+              + ("; the value model is a second adapter" if cfg.rl.value_model else "; no value model"))
         return module.eval(), None
     policy = load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=torch.float32, device=device)
     hidden = policy.config.get_text_config().hidden_size
     reference = load_causal_lm(str(sft_dir), cfg.cache_dir, dtype=compute_dtype, device=device).requires_grad_(False)
+    if not cfg.rl.value_model:
+        print("[rl] no value model (rl.value_model=false): advantages are the whitened returns")
+        return PolicyAndValue(policy, None, None, lora=False).eval(), reference
     if rm_dir is not None and same_vocabulary(rm_dir, sft_dir):
         backbone, head = value_from_reward_model(rm_dir, device)
         print("[rl] value model initialised from rm/")

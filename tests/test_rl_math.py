@@ -24,6 +24,7 @@ from cai.rl import (
     masked_whiten,
     pearson,
     policy_loss,
+    returns_to_go,
     score_unfinished,
     shaped_rewards,
     truncate_after_eos,
@@ -163,6 +164,15 @@ def test_gae_gamma_lambda_one_is_reward_to_go_minus_value():
     #   reward-to-go (2, 1) minus V (0.5, 0.5) = (1.5, 0.5); returns (2, 1).
     close(adv, [[5.5, 4.0, 1.5], [1.5, 0.5, 0.0]])
     close(ret, [[6.0, 5.0, 3.0], [2.0, 1.0, 0.0]])
+
+
+def test_returns_to_go_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 1.0, 99.0]])
+    mask = torch.tensor([[T_, T_, T_], [T_, T_, F_]])
+    # gamma 1: (6, 5, 3) and, the second row ending at t=1, (5, 1, 0); gamma 0.5: 1 + 0.5 (2 + 0.5 * 3) = 2.75,
+    # 2 + 1.5 = 3.5, 3; and 4 + 0.5 = 4.5, 1, 0.
+    close(returns_to_go(rewards, mask, 1.0), [[6.0, 5.0, 3.0], [5.0, 1.0, 0.0]])
+    close(returns_to_go(rewards, mask, 0.5), [[2.75, 3.5, 3.0], [4.5, 1.0, 0.0]])
 
 
 def test_gae_gamma_lambda_half_by_hand():

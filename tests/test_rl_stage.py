@@ -178,6 +178,25 @@ def test_ppo_raises_the_reward_with_a_fixed_kl_coefficient(rl_config):
     assert {m["kl_coef"] for m in history} == {0.1}
 
 
+def test_without_a_value_model_ppo_raises_the_reward_and_trains_no_critic(rl_config, capsys):
+    cfg = rl_config(*LEARNING, "rl.adaptive_kl=false", "rl.kl_coef=0.1", "rl.value_model=false")
+    model, _ = build_models(cfg, Path(cfg.output_dir) / "sft", None, "cpu")
+    assert model.value_head is None and model.value_backbone is None
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in model.policy.parameters())
+    run_rl(cfg)
+    history = metrics(cfg)
+    first, last, kl = reward_and_kl(history)
+    print(f"no value model: reward {first:.2f} -> {last:.2f}, KL(last 10) {kl:.2f}", file=sys.stderr)
+    assert last > first + 0.5 and kl <= 8.0
+    assert all(m["value_loss"] is None and m["explained_variance"] is None and m["policy_loss"] is not None for m in history)
+    assert "no value model" in capsys.readouterr().out
+
+
+def test_value_model_false_belongs_to_ppo(tiny_config):
+    with pytest.raises(CaiError, match="rl.value_model=false applies to ppo"):
+        tiny_config("rl.algorithm=grpo", "rl.value_model=false")
+
+
 def test_value_model_learns_a_predictable_reward(rl_config):
     cfg = rl_config("rl.reward=tests.test_rl_stage:prompt_parity_reward", "rl.steps=15", "rl.batch_size=16",
                     "rl.minibatch_size=8", "rl.ppo_epochs=4", "rl.learning_rate=1e-3", "rl.samples=0",
@@ -345,11 +364,14 @@ def test_lora_reference_is_the_policy_with_its_adapter_disabled(rl_config):
     assert all("lora_" in n or "value_head" in n for n in grads)
 
 
-def test_lora_run_saves_the_merged_policy_and_the_adapter(rl_config, tiny_model_dir):
+@pytest.mark.parametrize("value_model", [True, False])
+def test_lora_run_saves_the_merged_policy_and_the_adapter(rl_config, tiny_model_dir, value_model):
     from transformers import AutoModelForCausalLM
 
     cfg = rl_config("rl.lora=true", "rl.lora_r=4", "rl.steps=2", "rl.batch_size=4", "rl.minibatch_size=2",
-                    "rl.learning_rate=1e-2", "rl.samples=0")
+                    "rl.learning_rate=1e-2", "rl.samples=0", "rl.unfinished_score=null", f"rl.value_model={str(value_model).lower()}")
+    model, _ = build_models(cfg, Path(cfg.output_dir) / "sft", None, "cpu")
+    assert set(model.policy.peft_config) == ({"default", "value"} if value_model else {"default"})
     out = run_rl(cfg)
     assert (out / "adapter" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out)

@@ -3,14 +3,15 @@
 Order of use in one PPO step (Ziegler et al. 2019; Ouyang et al. 2022; Huang et al. 2024):
 truncate_after_eos -> logprobs_from_logits -> score_unfinished / clip_rewards ->
 kl_penalty_per_token -> shaped_rewards -> (masked_whiten rewards) -> gae -> masked_whiten advantages
--> policy_loss + value_loss; the KL controller updates beta once per batch.
+-> policy_loss + value_loss; the KL controller updates beta once per batch. Without a value model
+(rl.value_model=false) returns_to_go stands in for gae and there is no value loss.
 A reward model with several outputs (ensemble members, principles) is reduced to the score by
 combine_principles -> combine_members; constraints enter by lagrangian_mix, their multipliers move by
 update_multipliers once per batch; with several answers per prompt (rl.group_baseline), leave_one_out
 then takes each score relative to its siblings' before shaped_rewards.
 """
 
-from cai.rl.advantages import GAEOutput, gae, gae_reference
+from cai.rl.advantages import GAEOutput, gae, gae_reference, returns_to_go
 from cai.rl.constraints import LagrangeState, constraint_means, lagrangian_mix, update_multipliers
 from cai.rl.ensemble import (
     EnsembleCombine,
@@ -68,6 +69,7 @@ __all__ = [
     "normalize_over_batch",
     "pearson",
     "policy_loss",
+    "returns_to_go",
     "score_unfinished",
     "shaped_rewards",
     "truncate_after_eos",

@@ -11,6 +11,22 @@ import torch
 from torch import Tensor
 
 
+def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Each token's discounted return to the end of its response, the advantage of PPO without a value model
+    (REINFORCE; its baseline is the whitening's batch mean, or the siblings' mean with rl.group_baseline).
+
+    G_t = r_t + gamma * G_{t+1}, with G = 0 past the last valid token: GAE with V = 0 and lambda = 1.
+
+    Args:
+        rewards: [B, T] per-token rewards (see `shaped_rewards`).
+        mask: [B, T] bool, a prefix of each row.
+        gamma: discount.
+    Returns:
+        [B, T], zero where `mask` is False.
+    """
+    return gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0).advantages
+
+
 class GAEOutput(NamedTuple):
     advantages: Tensor  # [B, T]
     returns: Tensor  # [B, T], advantages + values: the value head's target

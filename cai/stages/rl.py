@@ -25,7 +25,8 @@ One PPO step, on every process:
     `rl.group_baseline` (each prompt answered rl.group_size times) each score less its siblings' mean;
  4. old log-probs, reference log-probs (both from logits / temperature) and values from forward passes;
     per-token rewards: -beta * KL(policy || reference) on every token, the score on the last;
- 5. values and GAE advantages and returns;
+ 5. values and GAE advantages and returns (without a value model, `rl.value_model=false`: each token's
+    return is its advantage, and there is no value loss in 7);
  6. whiten the advantages;
  7. PPO epochs over shuffled minibatches: clipped policy loss + clipped value loss, gradient
     accumulation (gradients synchronised across processes on the last micro-batch only) and clipping;
@@ -78,6 +79,7 @@ from cai.rl import (
     masked_whiten,
     pearson,
     policy_loss,
+    returns_to_go,
     score_unfinished,
     shaped_rewards,
     truncate_after_eos,
@@ -247,15 +249,19 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
             ref_logprobs.append(logprobs_from_logits(ref_logits, responses[rows], rl.temperature))
             values.append(value)
             del logits, ref_logits
-    logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+    logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
+    values = torch.cat(values) if rl.value_model else None
     entropy = torch.stack(entropies).sum() / mask.sum()
     kl = kl_penalty_per_token(logprobs, ref_logprobs, mask, rl.kl_estimator)
     rewards = shaped_rewards(relative, kl, mask, kl_ctl.value)
     if rl.whiten_rewards and mask.sum() > 1:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
 
-    # 5. Values and GAE.
-    advantages, returns = gae(rewards, values, mask, rl.gamma, rl.lam)
+    # 5. Values and GAE; without a value model, the returns themselves.
+    if rl.value_model:
+        advantages, returns = gae(rewards, values, mask, rl.gamma, rl.lam)
+    else:
+        advantages = returns = returns_to_go(rewards, mask, rl.gamma)
 
     # 6. Whiten the advantages.
     if mask.sum() > 1:
@@ -274,10 +280,14 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
                     logits, value = model(input_ids[rows], attention_mask[rows], n)
                     new_logprobs = logprobs_from_logits(logits, responses[rows], rl.temperature)
                     pg = policy_loss(new_logprobs, logprobs[rows], advantages[rows], mask[rows], rl.clip_eps)
-                    vf = value_loss(value, values[rows], returns[rows], mask[rows], rl.value_clip_eps)
-                    accelerator.backward((pg.loss + rl.vf_coef * vf.loss) / rl.grad_accum)
-                for key, v in zip(stats, (pg.loss, vf.loss, pg.clip_fraction, vf.clip_fraction, pg.approx_kl)):
-                    stats[key].append(float(v.detach()))
+                    loss = pg.loss
+                    if rl.value_model:
+                        vf = value_loss(value, values[rows], returns[rows], mask[rows], rl.value_clip_eps)
+                        loss = loss + rl.vf_coef * vf.loss
+                    accelerator.backward(loss / rl.grad_accum)
+                for key, v in zip(stats, (pg.loss, vf.loss, pg.clip_fraction, vf.clip_fraction, pg.approx_kl)
+                                  if rl.value_model else (pg.loss, None, pg.clip_fraction, None, pg.approx_kl)):
+                    stats[key].append(float("nan") if v is None else float(v.detach()))
             if rl.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), rl.max_grad_norm)
             optimizer.step()
@@ -292,8 +302,10 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
     # 9. Metrics and the reward-hacking monitors, over every process's batch.
     from accelerate.utils import gather_object
 
-    local = [sum(v) / len(v) for v in stats.values()] + [float(entropy), explained_variance(values, returns, mask)]
-    means = accelerator.reduce(torch.tensor(local, device=device), reduction="mean").tolist()
+    ev = explained_variance(values, returns, mask) if rl.value_model else float("nan")
+    local = [sum(v) / len(v) for v in stats.values()] + [float(entropy), ev]
+    # No value model: its entries are NaN here and None in the metrics.
+    means = [None if m != m else m for m in accelerator.reduce(torch.tensor(local, device=device), reduction="mean").tolist()]
     texts = gather_object([(kind, answer) for (_, _, kind), answer in zip(batch, answers)])
     helpful = [answer for kind, answer in texts if kind == "helpful"]
     tokens_all = gather_object(answer_tokens)
@@ -466,8 +478,9 @@ def run(cfg: Config) -> Path:
                 history.append(m)
                 print(f"[rl] step {m['step']}/{rl.steps} reward {m['reward_mean']:+.3f}±{m['reward_std']:.3f} "
                       f"kl {m['kl']:.3f} beta {m['kl_coef']:.4f} entropy {m['entropy']:.2f} "
-                      f"clip {m['clip_frac']:.2f} vf {m['value_loss']:.3f} ev {m['explained_variance']:+.2f} "
-                      f"len {m['answer_length']:.1f} ({m['seconds']:.1f}s)" + step_extras(m))
+                      f"clip {m['clip_frac']:.2f} "
+                      + (f"vf {m['value_loss']:.3f} ev {m['explained_variance']:+.2f} " if m["value_loss"] is not None else "")
+                      + f"len {m['answer_length']:.1f} ({m['seconds']:.1f}s)" + step_extras(m))
                 for warning in m["warnings"]:
                     print(f"[rl] warning: step {m['step']}: {warning}")
 
