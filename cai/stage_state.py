@@ -104,8 +104,9 @@ def _prompt_files_by_content(section: str, value):
             else:
                 files.append(file_digest(entry) or entry)
         return {**value, "prompts": files}
-    if section == "rl" and isinstance(value, dict) and value.get("seed") is None:
-        return {k: v for k, v in value.items() if k != "seed"}  # the run's seed: runs made before the key existed stay current
+    if section == "rl" and isinstance(value, dict):
+        # At their defaults (the run's seed, a value model) the keys are left out: runs made before they existed stay current.
+        return {k: v for k, v in value.items() if not (k == "seed" and v is None or k == "value_model" and v is True)}
     if section == "rm" and isinstance(value, dict) and not value.get("min_label_margin"):
         return {k: v for k, v in value.items() if k != "min_label_margin"}  # every pair kept: older runs stay current
     if section == "prefs" and isinstance(value, dict):

@@ -192,9 +192,13 @@ def test_without_a_value_model_ppo_raises_the_reward_and_trains_no_critic(rl_con
     assert "no value model" in capsys.readouterr().out
 
 
-def test_value_model_false_belongs_to_ppo(tiny_config):
+def test_value_model_false_belongs_to_ppo_and_its_default_leaves_older_runs_current(tiny_config):
+    from cai.stage_state import fingerprint_parts
+
     with pytest.raises(CaiError, match="rl.value_model=false applies to ppo"):
         tiny_config("rl.algorithm=grpo", "rl.value_model=false")
+    assert "value_model" not in fingerprint_parts(tiny_config(), "rl")["rl"]
+    assert stage_fingerprint(tiny_config(), "eval") != stage_fingerprint(tiny_config("rl.value_model=false"), "eval")
 
 
 def test_value_model_learns_a_predictable_reward(rl_config):
