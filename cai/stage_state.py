@@ -56,6 +56,9 @@ OPERATIONAL_KEYS = {
     "eval": {"served_models", "batch_size"},
 }
 OPERATIONAL_KEYS["choice_labeler"] = OPERATIONAL_KEYS["labeler"]
+# Keys added after runs were made, left out of the fingerprint while they hold these values (what runs made before
+# the key existed did), so those runs stay current.
+LEFT_OUT_AT = {"rl": {"seed": None, "value_model": True}, "rm": {"min_label_margin": 0.0}}
 # A folder under output_dir made by a command outside the pipeline's order (`cai redteam`, whose prompts
 # a run reads only when data.* names them): the sections it reads, on its own.
 STANDALONE_SECTIONS = {"redteam": ("seed", "constitution", "policy", "labeler", "choice_labeler", "redteam")}
@@ -104,11 +107,6 @@ def _prompt_files_by_content(section: str, value):
             else:
                 files.append(file_digest(entry) or entry)
         return {**value, "prompts": files}
-    if section == "rl" and isinstance(value, dict):
-        # At their defaults (the run's seed, a value model) the keys are left out: runs made before they existed stay current.
-        return {k: v for k, v in value.items() if not (k == "seed" and v is None or k == "value_model" and v is True)}
-    if section == "rm" and isinstance(value, dict) and not value.get("min_label_margin"):
-        return {k: v for k, v in value.items() if k != "min_label_margin"}  # every pair kept: older runs stay current
     if section == "prefs" and isinstance(value, dict):
         if not value.get("stress_pairs"):  # no probe is read: left out, so runs made before the keys existed stay current
             return {k: v for k, v in value.items() if k not in ("stress_pairs", "stress_probes")}
@@ -133,7 +131,9 @@ def fingerprint_parts(cfg: Config, stage: str) -> dict:
                 continue  # by content below: the same file under another path is the same run
             value = dumped.get(section)
             if isinstance(value, dict):
-                value = {k: v for k, v in value.items() if k not in OPERATIONAL_KEYS.get(section, ())}
+                left_out = LEFT_OUT_AT.get(section, {})
+                value = {k: v for k, v in value.items()
+                         if k not in OPERATIONAL_KEYS.get(section, ()) and not (k in left_out and v == left_out[k])}
                 if section in ("labeler", "choice_labeler") and isinstance(value.get("base_url"), list):
                     value["base_url"] = "pool"  # adding or removing a server of a pool changes no answer
             parts[section] = _prompt_files_by_content(section, value)
