@@ -268,7 +268,7 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
         advantages = masked_whiten(advantages, mask)
 
     # 7. PPO epochs over shuffled minibatches, with gradient accumulation and clipping.
-    stats = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")}
+    stats = {k: [] for k in ("policy_loss", "clip_frac", "approx_kl") + (("value_loss", "value_clip_frac") if rl.value_model else ())}
     shuffle = torch.Generator().manual_seed(stable_seed(ppo_seed(cfg), "rl-minibatch", step, accelerator.process_index))
     for _ in range(rl.ppo_epochs):
         for minibatch in torch.randperm(len(batch), generator=shuffle).split(rl.minibatch_size):
@@ -280,14 +280,14 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
                     logits, value = model(input_ids[rows], attention_mask[rows], n)
                     new_logprobs = logprobs_from_logits(logits, responses[rows], rl.temperature)
                     pg = policy_loss(new_logprobs, logprobs[rows], advantages[rows], mask[rows], rl.clip_eps)
-                    loss = pg.loss
+                    loss, measured = pg.loss, {"policy_loss": pg.loss, "clip_frac": pg.clip_fraction, "approx_kl": pg.approx_kl}
                     if rl.value_model:
                         vf = value_loss(value, values[rows], returns[rows], mask[rows], rl.value_clip_eps)
                         loss = loss + rl.vf_coef * vf.loss
+                        measured.update(value_loss=vf.loss, value_clip_frac=vf.clip_fraction)
                     accelerator.backward(loss / rl.grad_accum)
-                for key, v in zip(stats, (pg.loss, vf.loss, pg.clip_fraction, vf.clip_fraction, pg.approx_kl)
-                                  if rl.value_model else (pg.loss, None, pg.clip_fraction, None, pg.approx_kl)):
-                    stats[key].append(float("nan") if v is None else float(v.detach()))
+                for key, v in measured.items():
+                    stats[key].append(float(v.detach()))
             if rl.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), rl.max_grad_norm)
             optimizer.step()
@@ -302,10 +302,10 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
     # 9. Metrics and the reward-hacking monitors, over every process's batch.
     from accelerate.utils import gather_object
 
-    ev = explained_variance(values, returns, mask) if rl.value_model else float("nan")
-    local = [sum(v) / len(v) for v in stats.values()] + [float(entropy), ev]
-    # No value model: its entries are NaN here and None in the metrics.
-    means = [None if m != m else m for m in accelerator.reduce(torch.tensor(local, device=device), reduction="mean").tolist()]
+    local = {k: sum(v) / len(v) for k, v in stats.items()} | {"entropy": float(entropy)}
+    if rl.value_model:
+        local["explained_variance"] = explained_variance(values, returns, mask)
+    means = dict(zip(local, accelerator.reduce(torch.tensor(list(local.values()), device=device), reduction="mean").tolist()))
     texts = gather_object([(kind, answer) for (_, _, kind), answer in zip(batch, answers)])
     helpful = [answer for kind, answer in texts if kind == "helpful"]
     tokens_all = gather_object(answer_tokens)
@@ -316,7 +316,9 @@ def ppo_step(cfg, step, accelerator, model, reference, optimizer, kl_ctl, tokeni
         "raw_score_mean": float(gathered[:, 3].mean()),
         "kl": mean_kl,
         "kl_coef": beta,
-        **dict(zip(list(stats) + ["entropy", "explained_variance"], means)),
+        # without a value model its entries are None
+        **{k: means.get(k) for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "entropy",
+                                     "explained_variance")},
         "answer_length": float(gathered[:, 2].mean()),
         "ended_frac": float(accelerator.gather(ended.float()).mean()),
         "length_reward_corr": pearson(gathered[:, 0].cpu(), gathered[:, 2].cpu()),
